@@ -1,0 +1,80 @@
+"""Shared benchmark set-up: the machine's roofline, measured once per run, and ``record()``, which
+puts FLOPs, bytes, throughput, roofline fractions and the speedup over the reference into each
+result's ``extra_info`` (so ``--benchmark-json`` files compare across runs and machines).
+
+Run: ``pytest benchmarks`` (``make bench`` also saves JSON under results/). ``make test`` runs
+them once with ``--benchmark-disable`` so a benchmark cannot rot unnoticed.
+"""
+
+import platform
+
+import pytest
+import torch
+
+import sm4
+
+_reference_seconds: dict[str, float] = {}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_seconds(fn, device, repeats=5):
+    import time
+
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def roofline(request, device):
+    """Measured copy bandwidth (GB/s) and fp32 matmul throughput (TFLOP/s) of this machine."""
+    if request.config.getoption("benchmark_disable"):
+        return {"copy_GBps": float("nan"), "matmul_TFLOPs": float("nan")}
+    source = torch.empty(64 * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    copy_s = _best_seconds(lambda: target.copy_(source), device)
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device)
+    matmul_s = _best_seconds(lambda: a @ a, device, repeats=3)
+    return {"copy_GBps": 2 * source.numel() * 4 / copy_s / 1e9, "matmul_TFLOPs": 2 * n**3 / matmul_s / 1e12}
+
+
+@pytest.fixture
+def record(benchmark, roofline, device):
+    """Call ``record(op, shape_name, backend, flops=..., bytes_moved=...)`` after ``benchmark(...)``."""
+
+    def _record(op, shape_name, backend, *, flops, bytes_moved):
+        info = benchmark.extra_info
+        info.update(op=op, shape=shape_name, backend=backend, device=str(device), flops=flops, bytes=bytes_moved)
+        info.update(torch=torch.__version__, sm4=sm4.__version__, machine=platform.machine(), roofline=roofline)
+        if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+            return
+        seconds = benchmark.stats.stats.median
+        info.update(
+            median_s=seconds,
+            TFLOPs=flops / seconds / 1e12,
+            GBps=bytes_moved / seconds / 1e9,
+            fraction_of_matmul_roofline=flops / seconds / 1e12 / roofline["matmul_TFLOPs"],
+            fraction_of_copy_roofline=bytes_moved / seconds / 1e9 / roofline["copy_GBps"],
+        )
+        key = f"{op}/{shape_name}"
+        if backend == "reference":
+            _reference_seconds[key] = seconds
+        elif key in _reference_seconds:
+            info["speedup_over_reference"] = _reference_seconds[key] / seconds
+
+    return _record

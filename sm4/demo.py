@@ -1,0 +1,93 @@
+"""``python -m sm4 demo`` (``make demo``): what this installation can do, checked and timed.
+
+Until the SM4 model lands, the demo runs a sparse MoE FFN layer at the papers' medium shape
+(32 sequences x 24 tokens, d = 64, h = 128, E = 32, k = 2) through the reference path in float64
+(the ground truth), through the reference path in float32, and through automatic dispatch; then
+every op on every backend that implements it on this machine, against the reference. It prints
+the agreement (max |error| against float64) and the median time of each.
+"""
+
+import argparse
+
+import torch
+from torch.utils import benchmark
+
+import sm4
+from sm4 import backends, ops
+
+
+def median_ms(fn, min_run_time):
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def make_layer(tokens, dim, hidden, experts, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=g, dtype=torch.float64)
+    router = torch.randn(dim, experts, generator=g, dtype=torch.float64) / dim**0.5
+    w1 = torch.randn(experts, dim, hidden, generator=g, dtype=torch.float64) / dim**0.5
+    b1 = torch.zeros(experts, hidden, dtype=torch.float64)
+    w2 = torch.randn(experts, hidden, dim, generator=g, dtype=torch.float64) / hidden**0.5
+    b2 = torch.zeros(experts, dim, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, router, w1, b1, w2, b2)]
+
+
+def run(args):
+    print(f"sm4 {sm4.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    for name, reason in sm4.available_backends().items():
+        status = "available" if reason is None else f"unavailable: {reason}"
+        ops_list = ", ".join(backends.BACKENDS[name].kernels) or "-"
+        print(f"  backend {name:<9} {status}\n            ops: {ops_list}")
+
+    tokens, dim, hidden, experts, k = args.tokens, 64, 128, 32, 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\nMoE FFN layer, T={tokens} d={dim} h={hidden} E={experts} k={k}, {device}")
+    exact_inputs = make_layer(tokens, dim, hidden, experts, torch.float64)
+    exact = ops.moe_ffn(*exact_inputs, k, backend="reference").output
+    print(f"  {'path':<22}{'dtype':<10}{'max |err| vs fp64':>18}{'forward ms':>12}{'fwd+bwd ms':>12}")
+    for label, backend, dtype in (
+        ("reference", "reference", torch.float64),
+        ("reference", "reference", torch.float32),
+        ("auto dispatch", None, torch.float32),
+    ):
+        inputs = [t.to(device) for t in make_layer(tokens, dim, hidden, experts, dtype)]
+        out = ops.moe_ffn(*inputs, k, backend=backend).output
+        error = (out.double().cpu() - exact).abs().max().item()
+        forward = median_ms(lambda: ops.moe_ffn(*inputs, k, backend=backend), args.min_time)
+        params = [t.detach().requires_grad_(True) for t in inputs]
+
+        def step():
+            result = ops.moe_ffn(*params, k, training=True, backend=backend)
+            (result.output.square().mean() + result.routing.balance_loss(0.05)).backward()
+
+        both = median_ms(step, args.min_time)
+        print(f"  {label:<22}{str(dtype).replace('torch.', ''):<10}{error:>18.2e}{forward:>12.3f}{both:>12.3f}")
+
+    print("\nEach op on each backend that implements it, against the reference (same inputs):")
+    x, router = exact_inputs[0].float().to(device), exact_inputs[1].float().to(device)
+    routing = ops.topk_gating(x, router, k, backend="reference")
+    calls = {
+        "topk_gating": (lambda b: ops.topk_gating(x, router, k, backend=b).gates),
+        "expert_histogram": (lambda b: ops.expert_histogram(routing.expert_ids, experts, backend=b)[1]),
+    }
+    print(f"  {'op':<18}{'backend':<11}{'max |diff|':>12}{'ms':>10}{'reference ms':>14}")
+    for op, call in calls.items():
+        expected = call("reference")
+        reference_ms = median_ms(lambda: call("reference"), args.min_time)
+        for backend in backends.PREFERENCE:
+            if backend.name == "reference" or op not in backend.kernels:
+                continue
+            if backend.not_supported_reasons(op, [x], forced=True):
+                continue
+            got = call(backend.name)
+            diff = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+            ms = median_ms(lambda: call(backend.name), args.min_time)
+            print(f"  {op:<18}{backend.name:<11}{diff:>12.2e}{ms:>10.3f}{reference_ms:>14.3f}")
+    unimplemented = [op for op in backends.STEP_OPS if not any(op in b.kernels for b in backends.PREFERENCE if b.name != "reference")]
+    print(f"  reference only so far: {', '.join(unimplemented)}")
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser("demo", help="run an MoE layer on every backend, check and time it")
+    parser.add_argument("--tokens", type=int, default=32 * 24, help="tokens (default: 32 x 24, the medium setting)")
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
+    parser.set_defaults(func=run)

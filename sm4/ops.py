@@ -1,0 +1,389 @@
+"""The op contract: the functional API every backend implements.
+
+Each function checks its arguments (a ``TypeError``/``ValueError`` naming the argument, before any
+kernel runs), then runs on the backend that ``sm4.dispatch`` selects (``backend=`` forces one).
+
+    op                 inputs -> outputs (T tokens, E experts, N = T * k_max rows in expert order)
+    topk_gating        x (T, d), router_weight (d, E)          -> RoutingResult
+    expert_histogram   expert_ids (T, k_max)                     -> counts (E,), offsets (E + 1,)
+    routing_metadata   expert_ids (T, k_max)                     -> RoutingMetadata
+    permute            x (T, d), metadata                        -> x_sorted (N, d)
+    unpermute          y_sorted (N, d), gates (T, k_max), meta   -> y (T, d)
+    grouped_linear     x_sorted (N, in), weight (E, in, out)     -> (N, out)
+    grouped_ffn        x_sorted (N, d), w1 (E, d, h), w2 (E, h, d_out) -> (N, d_out)
+    moe_linear         gating -> metadata -> permute -> grouped_linear -> unpermute
+    moe_ffn            gating -> metadata -> permute -> grouped_ffn -> unpermute
+    moe_attention      three moe_linear (q, k, v; own routers) -> SDPA -> dense output projection
+
+k is the maximum number of experts per token (a Python int, 1 <= k <= E); a per-token k is
+``token_k``, a (T,) int tensor with 1 <= k_t <= k, accepted by every op that takes k. Routing
+semantics are SM4_SPEC §2 (see ``sm4.reference`` for the exact definitions).
+
+Float dtypes: fp16, bf16, fp32 on every backend, fp64 on the reference (for gradcheck).
+Accumulation is in float32 (float64 for float64 inputs).
+"""
+
+import torch
+
+from . import dispatch
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Checker
+from .types import MoEOutput, RoutingMetadata, RoutingResult
+
+__all__ = [
+    "topk_gating",
+    "expert_histogram",
+    "routing_metadata",
+    "permute",
+    "unpermute",
+    "grouped_linear",
+    "grouped_ffn",
+    "moe_linear",
+    "moe_ffn",
+    "moe_attention",
+]
+
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
+def _check_gating(c: Checker, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise):
+    c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    c.tensor("router_weight", router_weight, "(d, E)", FLOAT_DTYPES)
+    num_experts = router_weight.shape[1]
+    if num_experts < 1:
+        c.fail(ValueError, "router_weight must have at least one expert (E >= 1), got E = 0")
+    c.integer("k", k, 1, num_experts, "E")
+    c.per_token_k(token_k, k)
+    c.number("noise_std", noise_std)
+    for name, flag in (("training", training), ("renormalize", renormalize)):
+        if not isinstance(flag, bool):
+            c.fail(TypeError, f"{name} must be a bool, got {type(flag).__name__}")
+    c.generator(generator, x.device)
+    c.tensor("noise", noise, "(T, E)", FLOAT_DTYPES, optional=True)
+
+
+def topk_gating(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    k: int,
+    *,
+    token_k: torch.Tensor | None = None,
+    noise_std: float = 1.0,
+    training: bool = False,
+    renormalize: bool = False,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> RoutingResult:
+    """Noisy top-k routing of T tokens over E experts, with the balancing-loss terms.
+
+    Args:
+        x: (T, d) fp16/bf16/fp32/fp64 token features.
+        router_weight: (d, E) float, the router ``W_g`` (no bias); fp32 or x's dtype.
+        k: k_max, the number of experts kept per token (1 <= k <= E).
+        token_k: optional (T,) int32/int64 per-token k, 1 <= k_t <= k; ranks >= k_t are inactive.
+        noise_std: V-MoE noise scale; the noise std is ``noise_std / E``, added only in training.
+        training: add noise (and use the smooth load estimate) when True.
+        renormalize: rescale each token's active gates to sum to 1 (off in the papers).
+        generator: torch.Generator on x's device for the noise, for reproducible runs.
+        noise: optional (T, E) standard-normal draws to use instead of drawing (scaled inside).
+        backend: force a backend ("reference", "cpu", "cuda", "triton"), or None/"auto".
+
+    Returns: RoutingResult (see sm4.types): expert_ids (T, k) int64 (-1 = inactive rank), gates
+    (T, k), entropy (T,), expert_counts (E,) int64, importance (E,), load (E,), and the two CV^2
+    loss terms; float outputs are fp32 (fp64 for fp64 x). Gradients reach x and router_weight
+    through the gates and both loss terms; entropy is a statistic and is not differentiated.
+
+    Non-finite input: a token whose features or logits contain NaN/inf is routed to the lowest
+    expert indices with NaN gates and entropy (its own output is NaN), and is left out of
+    importance and load, so the other tokens' results and the balancing loss stay finite.
+    """
+    c = Checker("sm4.ops.topk_gating")
+    _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
+    _, impl = dispatch.select("topk_gating", (x, router_weight, noise), backend)
+    return impl(
+        x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
+        renormalize=renormalize, generator=generator, noise=noise,
+    )
+
+
+def _check_expert_ids(c: Checker, expert_ids, num_experts):
+    c.tensor("expert_ids", expert_ids, "(T, k_max)", INDEX_DTYPES)
+    c.integer("num_experts", num_experts, 1)
+    if expert_ids.device.type == "cpu" and not torch.compiler.is_compiling() and expert_ids.numel():
+        low, high = int(expert_ids.min()), int(expert_ids.max())
+        if low < -1 or high >= num_experts:
+            c.fail(ValueError, f"expert_ids must lie in [-1, num_experts={num_experts}), got values in [{low}, {high}]")
+
+
+def expert_histogram(expert_ids: torch.Tensor, num_experts: int, *, backend: str | None = None):
+    """Active assignments per expert and their exclusive prefix sum.
+
+    Args:
+        expert_ids: (T, k_max) int32/int64 in [-1, E); -1 = no assignment.
+        num_experts: E.
+    Returns: counts (E,) int64 and offsets (E + 1,) int64 with offsets[E] = number of assignments.
+    """
+    c = Checker("sm4.ops.expert_histogram")
+    _check_expert_ids(c, expert_ids, num_experts)
+    _, impl = dispatch.select("expert_histogram", (expert_ids,), backend)
+    return impl(expert_ids, num_experts)
+
+
+def _mask_ranks(expert_ids: torch.Tensor, token_k: torch.Tensor | None) -> torch.Tensor:
+    """Set ranks >= token_k[t] of each token to -1 (no assignment)."""
+    if token_k is None:
+        return expert_ids
+    ranks = torch.arange(expert_ids.shape[1], device=expert_ids.device)
+    return torch.where(ranks[None, :] < token_k[:, None], expert_ids, -1)
+
+
+def routing_metadata(
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    token_k: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> RoutingMetadata:
+    """Stable expert order of the assignments, its inverse, and int64 expert offsets.
+
+    Args:
+        expert_ids: (T, k_max) int32/int64 in [-1, E); -1 = no assignment.
+        num_experts: E.
+        token_k: optional (T,) int per-token k; ranks >= k_t are treated as -1.
+    Returns: RoutingMetadata (see sm4.types); buffers sized T * k_max, no host sync.
+    """
+    c = Checker("sm4.ops.routing_metadata")
+    _check_expert_ids(c, expert_ids, num_experts)
+    c.per_token_k(token_k, expert_ids.shape[1])
+    _, impl = dispatch.select("routing_metadata", (expert_ids,), backend)
+    return impl(_mask_ranks(expert_ids, token_k), num_experts)
+
+
+def _check_metadata(c: Checker, metadata):
+    if not isinstance(metadata, RoutingMetadata):
+        c.fail(TypeError, f"metadata must be the RoutingMetadata of sm4.ops.routing_metadata, got {type(metadata).__name__}")
+    c.tensor("metadata.expert_offsets", metadata.expert_offsets, "(E + 1,)", (torch.int64,))
+    c.tensor("metadata.sorted_token", metadata.sorted_token, "(N,)", (torch.int64,))
+    c.tensor("metadata.assignment_row", metadata.assignment_row, "(T, k_max)", (torch.int64,))
+    rows, (tokens, k_max) = metadata.sorted_token.shape[0], metadata.assignment_row.shape
+    if rows != tokens * k_max:
+        c.fail(ValueError, f"metadata has {rows} rows but assignment_row is {tokens} x {k_max}: not from one routing_metadata call")
+
+
+def permute(x: torch.Tensor, metadata: RoutingMetadata, *, backend: str | None = None) -> torch.Tensor:
+    """Gather token rows into expert order.
+
+    x: (T, d) float. metadata: from routing_metadata. Returns x_sorted (N, d), N = T * k_max, in
+    x's dtype; row i holds x[metadata.sorted_token[i]], rows past expert_offsets[-1] are zero.
+    """
+    c = Checker("sm4.ops.permute")
+    _check_metadata(c, metadata)
+    c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    _, impl = dispatch.select("permute", (x, metadata.sorted_token), backend)
+    return impl(x, metadata)
+
+
+def unpermute(
+    y_sorted: torch.Tensor, gates: torch.Tensor, metadata: RoutingMetadata, *, backend: str | None = None
+) -> torch.Tensor:
+    """Weighted combine back to token order: y[t] = sum over active ranks r of gates[t, r] * row.
+
+    y_sorted: (N, d) float. gates: (T, k_max) float. Returns y (T, d) in y_sorted's dtype,
+    accumulated in fp32 in a fixed order (deterministic). Gradients reach y_sorted and gates.
+    """
+    c = Checker("sm4.ops.unpermute")
+    _check_metadata(c, metadata)
+    c.tensor("y_sorted", y_sorted, "(N, d)", FLOAT_DTYPES)
+    c.tensor("gates", gates, "(T, k_max)", FLOAT_DTYPES)
+    _, impl = dispatch.select("unpermute", (y_sorted, gates), backend)
+    return impl(y_sorted, gates, metadata)
+
+
+def _check_grouped(c: Checker, x_sorted, expert_offsets, layers):
+    c.tensor("x_sorted", x_sorted, "(N, in)", FLOAT_DTYPES)
+    c.tensor("expert_offsets", expert_offsets, "(E + 1,)", (torch.int64,))
+    for weight_name, weight, weight_shape, bias_name, bias, bias_shape in layers:
+        c.tensor(weight_name, weight, weight_shape, FLOAT_DTYPES)
+        c.tensor(bias_name, bias, bias_shape, FLOAT_DTYPES, optional=True)
+
+
+def grouped_linear(
+    x_sorted: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    expert_offsets: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-expert linear over rows in expert order: rows offsets[e]:offsets[e+1] @ weight[e] + bias[e].
+
+    x_sorted: (N, in) float. weight: (E, in, out). bias: (E, out) or None. expert_offsets:
+    (E + 1,) int64. Returns (N, out) in x_sorted's dtype; rows past offsets[E] are zero.
+    """
+    c = Checker("sm4.ops.grouped_linear")
+    _check_grouped(c, x_sorted, expert_offsets, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
+    _, impl = dispatch.select("grouped_linear", (x_sorted, weight, bias, expert_offsets), backend)
+    return impl(x_sorted, weight, bias, expert_offsets)
+
+
+def grouped_ffn(
+    x_sorted: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    expert_offsets: torch.Tensor,
+    activation: str = "gelu",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-expert FFN ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` over rows in expert order.
+
+    x_sorted: (N, in) float. w1: (E, in, h). b1: (E, h) or None. w2: (E, h, out). b2: (E, out)
+    or None. activation: "gelu" (exact, erf) or "gelu_tanh". Returns (N, out) in x's dtype.
+    """
+    c = Checker("sm4.ops.grouped_ffn")
+    _check_grouped(
+        c, x_sorted, expert_offsets,
+        [("w1", w1, "(E, in, h)", "b1", b1, "(E, h)"), ("w2", w2, "(E, h, out)", "b2", b2, "(E, out)")],
+    )
+    c.choice("activation", activation, ACTIVATIONS)
+    _, impl = dispatch.select("grouped_ffn", (x_sorted, w1, b1, w2, b2, expert_offsets), backend)
+    return impl(x_sorted, w1, b1, w2, b2, expert_offsets, activation)
+
+
+def moe_linear(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    *,
+    token_k: torch.Tensor | None = None,
+    noise_std: float = 1.0,
+    training: bool = False,
+    renormalize: bool = False,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> MoEOutput:
+    """A mixture of single-linear experts (the Q/K/V experts of sparse MoE attention).
+
+    x: (T, in). router_weight: (in, E). weight: (E, in, out). bias: (E, out) or None. The gating
+    keywords are those of topk_gating. Returns MoEOutput(output (T, out) in x's dtype, routing):
+    output[t] = sum over t's active experts e of gate * (x[t] @ weight[e] + bias[e]).
+    """
+    c = Checker("sm4.ops.moe_linear")
+    _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
+    c.tensor("weight", weight, "(E, d, out)", FLOAT_DTYPES)
+    c.tensor("bias", bias, "(E, out)", FLOAT_DTYPES, optional=True)
+    routing = topk_gating(
+        x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
+        renormalize=renormalize, generator=generator, noise=noise, backend=backend,
+    )
+    metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
+    y_sorted = grouped_linear(permute(x, metadata, backend=backend), weight, bias, metadata.expert_offsets, backend=backend)
+    return MoEOutput(unpermute(y_sorted, routing.gates, metadata, backend=backend), routing)
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    k: int,
+    *,
+    activation: str = "gelu",
+    token_k: torch.Tensor | None = None,
+    noise_std: float = 1.0,
+    training: bool = False,
+    renormalize: bool = False,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> MoEOutput:
+    """A mixture of FFN experts ``Linear(d, h) -> GELU -> Linear(h, d_out)`` (the SMoE layer).
+
+    x: (T, d). router_weight: (d, E). w1: (E, d, h). b1: (E, h) or None. w2: (E, h, d_out).
+    b2: (E, d_out) or None. Returns MoEOutput(output (T, d_out) in x's dtype, routing).
+    """
+    c = Checker("sm4.ops.moe_ffn")
+    _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
+    c.tensor("w1", w1, "(E, d, h)", FLOAT_DTYPES)
+    c.tensor("w2", w2, "(E, h, out)", FLOAT_DTYPES)
+    c.choice("activation", activation, ACTIVATIONS)
+    routing = topk_gating(
+        x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
+        renormalize=renormalize, generator=generator, noise=noise, backend=backend,
+    )
+    metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
+    x_sorted = permute(x, metadata, backend=backend)
+    y_sorted = grouped_ffn(x_sorted, w1, b1, w2, b2, metadata.expert_offsets, activation, backend=backend)
+    return MoEOutput(unpermute(y_sorted, routing.gates, metadata, backend=backend), routing)
+
+
+def moe_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    routers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    expert_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    expert_biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor | None,
+    num_heads: int,
+    k: int,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    token_k: tuple | None = None,
+    noise_std: float = 1.0,
+    training: bool = False,
+    renormalize: bool = False,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, tuple[RoutingResult, RoutingResult, RoutingResult]]:
+    """Sparse mixture of attention (SMoA, SM4_SPEC §1.4), batch-first.
+
+    query: (B, L, d_q); key: (B, S, d_k); value: (B, S, d_v). Q, K and V each come from a group
+    of single-linear experts with its own router: routers[i] (d_i, E), expert_weights[i]
+    (E, d_i, C), expert_biases[i] (E, C) or None. Then torch's multi-head
+    ``scaled_dot_product_attention`` (``attn_mask``, ``is_causal`` go there) and a dense output
+    projection out_weight (C, C) in ``nn.Linear`` layout (out, in), out_bias (C,) or None.
+    token_k: None, or a triple of per-token k for the q, k, v tokens, each (B, L) / (B, S) or None.
+    Returns (output (B, L, C), (routing_q, routing_k, routing_v)).
+    """
+    c = Checker("sm4.ops.moe_attention")
+    c.tensor("query", query, "(B, L, d_q)", FLOAT_DTYPES)
+    c.tensor("key", key, "(B, S, d_k)", FLOAT_DTYPES)
+    c.tensor("value", value, "(B, S, d_v)", FLOAT_DTYPES)
+    for i, (name, dim) in enumerate((("q", "d_q"), ("k", "d_k"), ("v", "d_v"))):
+        c.tensor(f"routers[{i}] ({name})", routers[i], f"({dim}, E_{name})", FLOAT_DTYPES)
+        c.tensor(f"expert_weights[{i}] ({name})", expert_weights[i], f"(E_{name}, {dim}, C)", FLOAT_DTYPES)
+        c.tensor(f"expert_biases[{i}] ({name})", expert_biases[i], f"(E_{name}, C)", FLOAT_DTYPES, optional=True)
+    c.tensor("out_weight", out_weight, "(C, C)", FLOAT_DTYPES)
+    c.tensor("out_bias", out_bias, "(C,)", FLOAT_DTYPES, optional=True)
+    c.integer("num_heads", num_heads, 1)
+    channels = c.sizes["C"][0]
+    if channels % num_heads:
+        c.fail(ValueError, f"the expert output width C = {channels} must be divisible by num_heads = {num_heads}")
+    if token_k is not None and (not isinstance(token_k, (tuple, list)) or len(token_k) != 3):
+        c.fail(TypeError, "token_k must be None or a triple (q, k, v) of per-token k tensors (or None each)")
+
+    heads = []
+    routings = []
+    for i, tokens in enumerate((query, key, value)):
+        batch, length, width = tokens.shape
+        tk = None if token_k is None or token_k[i] is None else token_k[i].reshape(-1)
+        out = moe_linear(
+            tokens.reshape(batch * length, width), routers[i], expert_weights[i], expert_biases[i], k,
+            token_k=tk, noise_std=noise_std, training=training, renormalize=renormalize,
+            generator=generator, backend=backend,
+        )
+        heads.append(out.output.view(batch, length, num_heads, channels // num_heads).transpose(1, 2))
+        routings.append(out.routing)
+    attended = torch.nn.functional.scaled_dot_product_attention(*heads, attn_mask=attn_mask, is_causal=is_causal)
+    attended = attended.transpose(1, 2).reshape(query.shape[0], query.shape[1], channels)
+    return torch.nn.functional.linear(attended, out_weight, out_bias), tuple(routings)

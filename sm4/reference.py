@@ -1,0 +1,245 @@
+"""The reference path: every sm4 op in plain PyTorch, written for clarity, exactly per SM4_SPEC §2.
+
+This module is the ground truth. Tests compare every kernel against it (in float64 when they
+can), benchmarks time it as the baseline, and nothing else in the package re-implements it.
+
+Precision: each op computes in ``promote_types(input dtype, float32)`` - float32 for fp16/bf16/
+fp32 inputs, float64 for float64 inputs (so ``gradcheck`` runs on it) - and returns activations
+in the input's dtype, routing values (gates, entropy, loss terms) in the compute dtype.
+
+The functions here assume inputs that ``sm4.ops`` has already validated; call them through
+``sm4.ops.<op>(..., backend="reference")`` unless you are writing a test. The composites
+(``moe_linear``, ``moe_ffn``, ``moe_attention``) are written once, in ``sm4.ops``, as pipelines of
+the steps below: with ``backend="reference"`` every step runs here, and that is the reference MoE
+linear, MoE FFN and MoE attention.
+
+Not a hot path: ``grouped_linear`` reads ``expert_offsets`` on the host to slice each expert's
+rows, which is the clearest statement of the op. The kernels never do this.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .types import RoutingMetadata, RoutingResult
+
+# Added to mean^2 in CV^2 so that an all-zero vector (no tokens) has CV^2 = 0, not NaN.
+CV_EPS = 1e-10
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half and single inputs, float64 for double."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation ``var(v) / (mean(v)^2 + 1e-10)``, unbiased variance.
+
+    values: (E,) float. A single expert is trivially balanced: E = 1 gives 0 (the unbiased
+    variance of one value is undefined).
+    """
+    if values.numel() < 2:
+        return values.sum() * 0.0
+    return values.var(correction=1) / (values.mean() ** 2 + CV_EPS)
+
+
+def expert_histogram(expert_ids: torch.Tensor, num_experts: int):
+    """Active assignments per expert and their exclusive prefix sum.
+
+    expert_ids: (T, k_max) int32/int64 in [-1, E), -1 = no assignment.
+    Returns counts (E,) int64 and offsets (E + 1,) int64, offsets[E] = number of assignments.
+    """
+    ids = expert_ids.reshape(-1).long()
+    active = ids >= 0
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.index_add_(0, ids.clamp_min(0), active.long())
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return counts, offsets
+
+
+def topk_gating(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    k: int,
+    token_k: torch.Tensor | None = None,
+    noise_std: float = 1.0,
+    training: bool = False,
+    renormalize: bool = False,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> RoutingResult:
+    """Noisy top-k gating with per-token k and the load & importance balancing terms.
+
+    x: (T, d) float. router_weight: (d, E) float. k: k_max, 1 <= k <= E.
+    token_k: optional (T,) int, 1 <= k_t <= k. noise: optional (T, E) standard-normal draws, used
+    instead of drawing from ``generator`` (it is scaled by ``noise_std / E`` here).
+    """
+    cdt = compute_dtype(x.dtype)
+    num_tokens, num_experts = x.shape[0], router_weight.shape[1]
+    # A token whose input or logits are not all finite must not disturb the others. Its row is
+    # zeroed before the router matmul (else NaN * 0 in the backward would reach every router
+    # weight); it is routed as if all its logits were equal (lowest expert indices); its gates and
+    # entropy are NaN, so its own output is visibly NaN; it is left out of importance and load.
+    x = x.to(cdt)
+    finite_input = torch.isfinite(x).all(dim=-1)  # (T,)
+    logits = torch.where(finite_input[:, None], x, 0.0) @ router_weight.to(cdt)  # (T, E) clean
+
+    # V-MoE noise: std noise_std / E, only while training. sigma = 0 means "no noise".
+    sigma = noise_std / num_experts if training else 0.0
+    if sigma > 0:
+        if noise is None:
+            noise = torch.randn(
+                logits.shape, generator=generator, device=logits.device, dtype=torch.float32
+            )
+        noisy = logits + sigma * noise.to(cdt)
+    else:
+        noisy = logits
+
+    finite = finite_input & torch.isfinite(noisy).all(dim=-1)  # (T,)
+    noisy = torch.where(finite[:, None], noisy, 0.0)
+    clean = torch.where(finite[:, None], logits, 0.0)
+
+    probs = torch.softmax(noisy, dim=-1)  # gating probabilities
+    # A stable descending sort keeps equal logits in index order: ties go to the lower index.
+    sorted_logits, order = torch.sort(noisy, dim=-1, descending=True, stable=True)
+    top_ids = order[:, :k]  # (T, k)
+
+    if token_k is None:
+        token_k = torch.full((num_tokens,), k, dtype=torch.int64, device=x.device)
+    token_k = token_k.long()
+    active = torch.arange(k, device=x.device)[None, :] < token_k[:, None]  # (T, k)
+
+    top_probs = probs.gather(1, top_ids)
+    if renormalize:
+        top_probs = top_probs / (top_probs * active).sum(dim=-1, keepdim=True)
+    gates = torch.where(active, top_probs, 0.0)
+    gates = torch.where(finite[:, None] | ~active, gates, math.nan)
+    expert_ids = torch.where(active, top_ids, -1)
+
+    # Entropy and importance use the clean softmax (no noise), per SM4_SPEC §2.
+    clean_probs = torch.softmax(clean, dim=-1)
+    entropy = -torch.special.xlogy(clean_probs, clean_probs).sum(dim=-1).detach()
+    entropy = torch.where(finite, entropy, math.nan)
+    counted = finite[:, None].to(cdt)  # (T, 1): 1 for the tokens that enter the loss terms
+    importance = (clean_probs * counted).sum(dim=0)
+
+    selected = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=x.device)
+    selected.scatter_(1, top_ids, active)  # (T, E): expert is among the token's top-k_t
+    if sigma > 0:
+        # Smooth load (Shazeer et al. 2017): P(token routed to e) = Phi((clean_e - thr_e) / sigma),
+        # thr_e = k_t-th largest noisy logit, or the (k_t+1)-th when e itself is selected
+        # (-inf when k_t = E: a selected expert then stays selected whatever the noise).
+        padded = torch.cat([sorted_logits, sorted_logits.new_full((num_tokens, 1), -math.inf)], 1)
+        kth = padded.gather(1, (token_k - 1)[:, None])
+        kth_plus_one = padded.gather(1, token_k[:, None])
+        threshold = torch.where(selected, kth_plus_one, kth)
+        load = (torch.special.ndtr((clean - threshold) / sigma) * counted).sum(dim=0)
+    else:
+        load = (selected.to(cdt) * counted).sum(dim=0)
+
+    expert_counts, _ = expert_histogram(expert_ids, num_experts)
+    return RoutingResult(
+        expert_ids=expert_ids,
+        gates=gates,
+        entropy=entropy,
+        expert_counts=expert_counts,
+        importance=importance,
+        load=load,
+        importance_loss=cv_squared(importance),
+        load_loss=cv_squared(load),
+    )
+
+
+def routing_metadata(expert_ids: torch.Tensor, num_experts: int) -> RoutingMetadata:
+    """Stable expert order of the assignments, its inverse and the expert offsets.
+
+    expert_ids: (T, k_max) int, -1 = no assignment. See RoutingMetadata for the outputs.
+    """
+    num_tokens, k_max = expert_ids.shape
+    flat = expert_ids.reshape(-1).long()
+    active = flat >= 0
+    # Inactive assignments sort after every expert; the stable sort keeps (token, rank) order.
+    sort_key = torch.where(active, flat, num_experts)
+    sorted_assignment = torch.argsort(sort_key, stable=True)
+    sorted_token = torch.div(sorted_assignment, max(k_max, 1), rounding_mode="floor")
+    rows = torch.arange(flat.numel(), device=flat.device)
+    assignment_row = torch.empty_like(rows).scatter_(0, sorted_assignment, rows)
+    assignment_row = torch.where(active, assignment_row, -1).view(num_tokens, k_max)
+    counts, offsets = expert_histogram(expert_ids, num_experts)
+    return RoutingMetadata(counts, offsets, sorted_assignment, sorted_token, assignment_row)
+
+
+def _zero_padding_rows(rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Zero the rows at or past expert_offsets[-1] (where, not multiply: NaN * 0 is NaN)."""
+    in_use = torch.arange(rows.shape[0], device=rows.device) < expert_offsets[-1]
+    return torch.where(in_use[:, None], rows, 0.0)
+
+
+def permute(x: torch.Tensor, metadata: RoutingMetadata) -> torch.Tensor:
+    """Gather token rows into expert order. x: (T, d) -> (N, d), padding rows zero."""
+    return _zero_padding_rows(x.index_select(0, metadata.sorted_token), metadata.expert_offsets)
+
+
+def unpermute(y_sorted: torch.Tensor, gates: torch.Tensor, metadata: RoutingMetadata) -> torch.Tensor:
+    """Weighted combine back to token order: ``y[t] = sum_r gates[t, r] * y_sorted[row(t, r)]``.
+
+    y_sorted: (N, d). gates: (T, k_max) float. Returns (T, d) in y_sorted's dtype. Inactive
+    ranks contribute exactly nothing (not 0 * value, which would spread a NaN).
+    """
+    cdt = compute_dtype(y_sorted.dtype)
+    row = metadata.assignment_row  # (T, k)
+    active = row >= 0
+    gathered = y_sorted.to(cdt)[row.clamp_min(0)]  # (T, k, d)
+    weighted = torch.where(active[..., None], gates.to(cdt)[..., None] * gathered, 0.0)
+    return weighted.sum(dim=1).to(y_sorted.dtype)
+
+
+def grouped_linear(
+    x_sorted: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    expert_offsets: torch.Tensor,
+) -> torch.Tensor:
+    """Per-expert ``x[rows of e] @ weight[e] + bias[e]``.
+
+    x_sorted: (N, in). weight: (E, in, out). bias: (E, out) or None. expert_offsets: (E + 1,)
+    int64. Returns (N, out) in x's dtype; rows past expert_offsets[-1] are zero.
+    """
+    cdt = compute_dtype(x_sorted.dtype)
+    num_rows, num_experts, out_features = x_sorted.shape[0], weight.shape[0], weight.shape[2]
+    bounds = expert_offsets.tolist()  # host read: the reference slices, the kernels do not
+    pieces = []
+    for e in range(num_experts):
+        rows = x_sorted[bounds[e] : bounds[e + 1]].to(cdt)
+        y = rows @ weight[e].to(cdt)
+        pieces.append(y if bias is None else y + bias[e].to(cdt))
+    pieces.append(x_sorted.new_zeros(num_rows - bounds[-1], out_features, dtype=cdt))
+    return torch.cat(pieces).to(x_sorted.dtype)
+
+
+ACTIVATIONS = {
+    "gelu": lambda h: F.gelu(h),  # exact, with erf
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+}
+
+
+def grouped_ffn(
+    x_sorted: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    expert_offsets: torch.Tensor,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """Per-expert ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``.
+
+    x_sorted: (N, d). w1: (E, d, h). b1: (E, h) or None. w2: (E, h, d_out). b2: (E, d_out) or
+    None. Returns (N, d_out) in x's dtype; padding rows zero (GELU(0) = 0). The hidden layer is
+    kept in the compute dtype, as a fused kernel keeps it in registers.
+    """
+    cdt = compute_dtype(x_sorted.dtype)
+    hidden = ACTIVATIONS[activation](grouped_linear(x_sorted.to(cdt), w1, b1, expert_offsets))
+    return grouped_linear(hidden, w2, b2, expert_offsets).to(x_sorted.dtype)
+

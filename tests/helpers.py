@@ -1,0 +1,33 @@
+"""Shared test helpers: the per-dtype tolerance table and small input factories."""
+
+import torch
+
+# Tolerances against a float64 reference, per input dtype (one table, as in xformers' ERROR_ATOL).
+# fp16/bf16 values are rounded to the dtype once on input and once on output; the compute is fp32.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def assert_close(actual, expected, dtype, msg=""):
+    torch.testing.assert_close(actual.double(), expected.double(), **TOLERANCES[dtype], msg=msg or None)
+
+
+def router_inputs(tokens, dim, experts, dtype=torch.float32, seed=0, scale=1.0):
+    """x (T, d) and router_weight (d, E), random but reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=g, dtype=torch.float64).to(dtype)
+    w = (scale * torch.randn(dim, experts, generator=g, dtype=torch.float64)).to(dtype)
+    return x, w
+
+
+def expert_params(experts, d_in, d_out, dtype=torch.float64, seed=1, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(experts, d_in, d_out, generator=g, dtype=torch.float64) / d_in**0.5).to(dtype)
+    b = torch.randn(experts, d_out, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    return weight, b
