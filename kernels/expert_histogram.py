@@ -33,12 +33,14 @@ def _count_kernel(ids_ptr, counts_ptr, num_assignments, num_experts, BLOCK: tl.c
 
 
 @triton.jit
-def _exclusive_scan_kernel(counts_ptr, offsets_ptr, num_experts, BLOCK_E: tl.constexpr):
+def _exclusive_scan_kernel(counts_ptr, offsets_ptr, num_experts, BLOCK_E: tl.constexpr, NUM_BLOCKS: tl.constexpr):
+    # NUM_BLOCKS = cdiv(E, BLOCK_E) is a compile-time constant: E is fixed for a model, and a
+    # loop bound taken from a runtime scalar breaks Triton 3.6's interpreter.
     lanes = tl.arange(0, BLOCK_E).to(tl.int64)
     carry = tl.zeros((1,), tl.int64)
     tl.store(offsets_ptr + tl.arange(0, 1), carry)
-    for start in range(0, num_experts, BLOCK_E):
-        experts = start + lanes
+    for block in range(NUM_BLOCKS):
+        experts = block * BLOCK_E + lanes
         counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
         inclusive = tl.cumsum(counts, 0) + carry
         tl.store(offsets_ptr + 1 + experts, inclusive, mask=experts < num_experts)
@@ -54,7 +56,7 @@ def _launch(expert_ids: torch.Tensor, num_experts: int):
         grid = (triton.cdiv(num_assignments, BLOCK_ASSIGNMENTS),)
         _count_kernel[grid](ids, counts, num_assignments, num_experts, BLOCK=BLOCK_ASSIGNMENTS)
     block_e = min(triton.next_power_of_2(num_experts), 1024)
-    _exclusive_scan_kernel[(1,)](counts, offsets, num_experts, BLOCK_E=block_e)
+    _exclusive_scan_kernel[(1,)](counts, offsets, num_experts, BLOCK_E=block_e, NUM_BLOCKS=triton.cdiv(num_experts, block_e))
     return counts, offsets
 
 
@@ -88,7 +90,7 @@ GPU_COMPILE_CHECKS = [
     ),
     (
         _exclusive_scan_kernel,
-        {"counts_ptr": "*i64", "offsets_ptr": "*i64", "num_experts": "i64", "BLOCK_E": "constexpr"},
-        {"BLOCK_E": 256},
+        {"counts_ptr": "*i64", "offsets_ptr": "*i64", "num_experts": "i64", "BLOCK_E": "constexpr", "NUM_BLOCKS": "constexpr"},
+        {"BLOCK_E": 256, "NUM_BLOCKS": 2},
     ),
 ]
