@@ -28,4 +28,25 @@ TORCH_LIBRARY(sm4, m) {
   //   expert_ids: (T, k_max) int32/int64, values in [-1, num_experts); -1 = no assignment.
   //   returns counts (E,) int64 and offsets (E + 1,) int64 with offsets[E] = A.
   m.def("expert_histogram(Tensor expert_ids, int num_experts) -> (Tensor counts, Tensor offsets)");
+
+  // Fused noisy top-k gating, forward (SM4_SPEC §2; sm4/reference.py topk_gating is the truth).
+  //   x: (T, d) fp16/bf16/fp32/fp64; router_weight: (d, E); noise: (T, E) standard normal or
+  //   None (used only when sigma > 0); token_k: (T,) int or None (then every token has k).
+  //   sigma = noise_std / E in training, 0 otherwise (0 also means hard-count load).
+  //   returns gates (T, k), expert_ids (T, k) int64 (-1 = inactive rank), entropy (T,),
+  //   importance (E,), load (E,) (floats in the accumulation type: fp32, fp64 for fp64 x),
+  //   expert_counts (E,) int64, and runner_up (T,) int64: the (k_t + 1)-th expert, -1 if none,
+  //   which the backward needs for the smooth load's threshold. (A float output comes first:
+  //   opcheck's autograd test sums the outputs into the first one's dtype.)
+  m.def(
+      "topk_gating_forward(Tensor x, Tensor router_weight, Tensor? noise, Tensor? token_k, int k, "
+      "float sigma, bool renormalize) -> (Tensor gates, Tensor expert_ids, Tensor entropy, "
+      "Tensor importance, Tensor load, Tensor expert_counts, Tensor runner_up)");
+  // Its backward up to the router logits: grad_logits (T, E) in the accumulation type, from the
+  // gradients of gates (T, k), importance (E,) and load (E,). The caller finishes with two
+  // matmuls: grad_x = grad_logits @ W^T and grad_W = x^T @ grad_logits.
+  m.def(
+      "topk_gating_backward(Tensor grad_gates, Tensor grad_importance, Tensor grad_load, Tensor x, "
+      "Tensor router_weight, Tensor? noise, Tensor expert_ids, Tensor runner_up, float sigma, "
+      "bool renormalize) -> Tensor grad_logits");
 }

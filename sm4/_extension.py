@@ -1,10 +1,9 @@
 """Loading of the compiled extension ``sm4._C`` and the Python half of its op registrations.
 
-The schemas and the CPU/CUDA kernels are registered in C++ (``csrc/``). Here, as in
-pytorch/extension-cpp, we add what belongs in Python: a fake (meta) kernel per op, so that
+The schemas and the CPU/CUDA kernels are registered in C++ (``csrc/``). What belongs in Python,
+as in pytorch/extension-cpp, lives in ``sm4.compiled``: a fake (meta) kernel per op, so that
 ``torch.compile`` and ``torch.library.opcheck`` can trace it, and autograd formulas for the ops
-that have gradients (``torch.library.register_autograd``; ``expert_histogram`` has integer
-outputs only and needs none).
+that have gradients (``torch.library.register_autograd``).
 
 If the extension is missing, nothing crashes at import: ``LOAD_ERROR`` says why and how to build
 it, and the backends that need it report that as their reason to refuse.
@@ -40,11 +39,3 @@ def compiled_ops() -> list[str]:
         if name.startswith("sm4::") and not name.startswith("sm4::triton_")
     )
 
-
-if LOAD_ERROR is None:
-
-    @torch.library.register_fake("sm4::expert_histogram")
-    def _expert_histogram_fake(expert_ids: torch.Tensor, num_experts: int):
-        counts = expert_ids.new_empty((num_experts,), dtype=torch.int64)
-        offsets = expert_ids.new_empty((num_experts + 1,), dtype=torch.int64)
-        return counts, offsets

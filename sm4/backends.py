@@ -35,7 +35,6 @@ STEP_OPS = (
 
 # Which issue brings each op to the kernel backends, for the "not implemented yet" reasons.
 PLANNED_IN = {
-    "topk_gating": "the fused top-k gating issue (#3)",
     "routing_metadata": "the token permutation issue (#4)",
     "permute": "the token permutation issue (#4)",
     "unpermute": "the token permutation issue (#4)",
@@ -91,11 +90,13 @@ class Backend:
 
 def _compiled_kernels(dispatch_key: str) -> Callable[[], dict[str, Callable]]:
     def load():
-        ops = {}
-        for op in _extension.compiled_ops():
-            if _extension.has_kernel(op, dispatch_key):
-                ops[op] = getattr(torch.ops.sm4, op)
-        return ops
+        from .compiled import IMPLEMENTATIONS
+
+        return {
+            op: implementation
+            for op, (needs, implementation) in IMPLEMENTATIONS.items()
+            if all(_extension.has_kernel(name, dispatch_key) for name in needs)
+        }
 
     return load
 
@@ -119,9 +120,9 @@ def _triton_availability() -> str | None:
 
 
 def _triton_kernels() -> dict[str, Callable]:
-    from .kernels import expert_histogram
+    from .kernels import expert_histogram, topk_gating
 
-    return {"expert_histogram": expert_histogram.expert_histogram}
+    return {"expert_histogram": expert_histogram.expert_histogram, "topk_gating": topk_gating.topk_gating}
 
 
 REFERENCE = Backend.create(

@@ -44,6 +44,15 @@ def cv_squared(values: torch.Tensor) -> torch.Tensor:
     return values.var(correction=1) / (values.mean() ** 2 + CV_EPS)
 
 
+def router_noise(num_tokens: int, num_experts: int, device, generator=None) -> torch.Tensor:
+    """The standard-normal draws of the router noise, (T, E) float32 from ``generator``.
+
+    Every backend draws its noise here, so a generator in the same state gives every backend the
+    same noise and training-mode results compare exactly.
+    """
+    return torch.randn((num_tokens, num_experts), generator=generator, device=device, dtype=torch.float32)
+
+
 def expert_histogram(expert_ids: torch.Tensor, num_experts: int):
     """Active assignments per expert and their exclusive prefix sum.
 
@@ -89,9 +98,7 @@ def topk_gating(
     sigma = noise_std / num_experts if training else 0.0
     if sigma > 0:
         if noise is None:
-            noise = torch.randn(
-                logits.shape, generator=generator, device=logits.device, dtype=torch.float32
-            )
+            noise = router_noise(num_tokens, num_experts, logits.device, generator)
         noisy = logits + sigma * noise.to(cdt)
     else:
         noisy = logits

@@ -11,6 +11,7 @@ import sm4
 from sm4 import backends, dispatch, ops
 
 IDS = torch.tensor([[0, 2], [1, -1], [2, 2]])
+GROUPED_ARGS = (torch.randn(4, 3), torch.randn(2, 3, 5), None, torch.tensor([0, 1, 4]))
 
 
 def chosen(op, tensors, backend=None):
@@ -19,7 +20,9 @@ def chosen(op, tensors, backend=None):
 
 def test_auto_picks_the_compiled_cpu_kernel_and_falls_back_to_the_reference():
     assert chosen("expert_histogram", [IDS]) == "cpu"
-    assert chosen("topk_gating", [torch.randn(2, 3)]) == "reference"
+    assert chosen("topk_gating", [torch.randn(2, 3)]) == "cpu"
+    assert chosen("grouped_linear", [torch.randn(2, 3)]) == "reference"  # no kernel yet (#5)
+    assert chosen("topk_gating", [torch.randn(2, 3, dtype=torch.float64)]) == "cpu"
 
 
 def test_triton_interpreter_is_never_chosen_automatically_for_cpu_tensors():
@@ -57,8 +60,8 @@ def test_unknown_backend_names_are_rejected():
 
 
 def test_a_forced_backend_is_strict_and_says_why():
-    with pytest.raises(sm4.BackendNotSupportedError, match=r"backend 'cpu' \(forced by the backend= argument\) cannot run this call: topk_gating is not implemented on this backend yet; it comes with the fused top-k gating issue \(#3\)"):
-        ops.topk_gating(torch.randn(3, 4), torch.randn(4, 5), 2, backend="cpu")
+    with pytest.raises(sm4.BackendNotSupportedError, match=r"backend 'cpu' \(forced by the backend= argument\) cannot run this call: grouped_linear is not implemented on this backend yet; it comes with the grouped GEMM issue \(#5\)"):
+        ops.grouped_linear(*GROUPED_ARGS, backend="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(sm4.BackendNotSupportedError, match=r"backend 'cuda' \(forced by sm4.use_backend\(\)\)"):
             with sm4.use_backend("cuda"):
@@ -66,15 +69,15 @@ def test_a_forced_backend_is_strict_and_says_why():
 
 
 def test_refusal_lists_every_backend_when_none_can_run(monkeypatch):
-    # Without the reference fallback, nothing runs topk_gating yet: the error gives each reason.
+    # Without the reference fallback, nothing runs grouped_linear yet: the error gives each reason.
     monkeypatch.setattr(dispatch, "PREFERENCE", (backends.CUDA, backends.TRITON, backends.CPU))
     with pytest.raises(sm4.BackendNotSupportedError) as error:
-        ops.topk_gating(torch.randn(3, 4), torch.randn(4, 5), 2)
+        ops.grouped_linear(*GROUPED_ARGS)
     message = str(error.value)
-    assert message.startswith("sm4.ops.topk_gating: no backend can run this call:")
+    assert message.startswith("sm4.ops.grouped_linear: no backend can run this call:")
     for name in ("cuda", "triton", "cpu"):
         assert f"\n  {name}: " in message
-    assert "cpu: topk_gating is not implemented on this backend yet" in message
+    assert "cpu: grouped_linear is not implemented on this backend yet" in message
 
 
 def test_device_capability():
@@ -99,7 +102,7 @@ def test_reports_of_what_is_available():
         assert "no CUDA" in status["cuda"] or "without CUDA" in status["cuda"]
     implemented = sm4.implemented_ops()
     assert implemented["reference"] == sorted(backends.STEP_OPS)
-    assert "expert_histogram" in implemented["cpu"]
+    assert {"expert_histogram", "topk_gating"} <= set(implemented["cpu"])
     info = sm4.build_info()
     assert info["compiled_ops"]["expert_histogram"][0] == "CPU"
 

@@ -1,0 +1,350 @@
+// CPU kernels of sm4::topk_gating_forward / topk_gating_backward (SM4_SPEC §2).
+//
+// Tokens are processed in fixed blocks of kTokenBlock, in parallel over blocks. For each block the
+// router logits come from one small GEMM (at::mm on a cache-resident block, so the (T, E) logits
+// never travel through memory), then each token's routing is computed in one pass: noise, softmax,
+// top-k with ties to the lower index, per-token k, gates, entropy, and its contributions to the
+// importance / load / count sums. Those sums are kept per block and added up in block order at
+// the end, so the result does not depend on the number of threads.
+//
+// The backward recomputes the logits block by block (cheaper than storing (T, E) for large T) and
+// returns d loss / d logits; the caller turns it into grad_x and grad_W with two matmuls.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace sm4 {
+namespace {
+
+// 64 tokens x d features per GEMM: large enough for MKL to run near peak, small enough that the
+// block and its logits stay in L2 while the per-token pass reads them.
+constexpr int64_t kTokenBlock = 64;
+
+template <typename acc_t>
+acc_t normal_cdf(acc_t z) {
+  return acc_t(0.5) * std::erfc(-z * acc_t(0.70710678118654752440));
+}
+
+template <typename acc_t>
+acc_t normal_pdf(acc_t z) {
+  return acc_t(0.39894228040143267794) * std::exp(acc_t(-0.5) * z * z);
+}
+
+// The first `count` entries of `order` become the experts with the largest noisy logits, by
+// (logit descending, index ascending): a strict total order, so equal logits go to the lower index.
+template <typename acc_t>
+void rank_experts(const acc_t* noisy, int64_t num_experts, int64_t count, int64_t* order) {
+  std::iota(order, order + num_experts, int64_t{0});
+  std::partial_sort(order, order + count, order + num_experts, [noisy](int64_t a, int64_t b) {
+    return noisy[a] > noisy[b] || (noisy[a] == noisy[b] && a < b);
+  });
+}
+
+// softmax(values) into out; returns log of the partition function relative to the max, and the max.
+template <typename acc_t>
+void softmax(const acc_t* values, int64_t n, acc_t* out, acc_t& max_value, acc_t& log_partition) {
+  max_value = *std::max_element(values, values + n);
+  acc_t partition = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    out[e] = std::exp(values[e] - max_value);
+    partition += out[e];
+  }
+  const acc_t inverse = acc_t(1) / partition;
+  for (int64_t e = 0; e < n; ++e) out[e] *= inverse;
+  log_partition = std::log(partition);
+}
+
+// Logits of tokens [t0, t1) in the accumulation type. Rows of x that are not all finite are
+// zeroed first (so NaN * 0 can never reach a shared result) and flagged in `finite`; a row whose
+// logits overflow is flagged too.
+at::Tensor block_logits(const at::Tensor& x, const at::Tensor& weight, int64_t t0, int64_t t1,
+                        std::vector<char>& finite) {
+  at::Tensor block = at::empty({t1 - t0, x.size(1)}, weight.options());
+  block.copy_(x.slice(0, t0, t1));
+  AT_DISPATCH_FLOATING_TYPES(block.scalar_type(), "block_logits", [&] {
+    scalar_t* rows = block.data_ptr<scalar_t>();
+    const int64_t dim = block.size(1);
+    for (int64_t i = 0; i < t1 - t0; ++i) {
+      scalar_t* row = rows + i * dim;
+      finite[i] = std::all_of(row, row + dim, [](scalar_t v) { return std::isfinite(v); });
+      if (!finite[i]) std::fill(row, row + dim, scalar_t(0));
+    }
+  });
+  at::Tensor logits = at::mm(block, weight);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "block_logits_check", [&] {
+    const scalar_t* values = logits.data_ptr<scalar_t>();
+    const int64_t experts = logits.size(1);
+    for (int64_t i = 0; i < t1 - t0; ++i) {
+      const scalar_t* row = values + i * experts;
+      finite[i] = finite[i] && std::all_of(row, row + experts, [](scalar_t v) { return std::isfinite(v); });
+    }
+  });
+  return logits;
+}
+
+struct GatingInputs {
+  at::Tensor x, weight, noise, token_k;  // weight and noise in the accumulation type, contiguous
+  int64_t num_tokens, num_experts, k;
+};
+
+GatingInputs prepare(const at::Tensor& x, const at::Tensor& router_weight,
+                     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_k,
+                     int64_t k, double sigma, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (T, d), got ", x.dim(), " dims");
+  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(0) == x.size(1), op,
+              ": router_weight must be (d, E) with d = ", x.size(1), ", got ", router_weight.sizes());
+  TORCH_CHECK(x.is_floating_point() && router_weight.is_floating_point(), op, ": x and router_weight must be floating point");
+  const int64_t num_experts = router_weight.size(1);
+  TORCH_CHECK(num_experts >= 1 && k >= 1 && k <= num_experts, op, ": need 1 <= k <= E, got k = ", k, ", E = ", num_experts);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  GatingInputs in{x, router_weight.to(acc).contiguous(), at::Tensor(), at::Tensor(), x.size(0), num_experts, k};
+  if (sigma > 0) {
+    TORCH_CHECK(noise.has_value(), op, ": sigma > 0 needs the noise tensor");
+    TORCH_CHECK(noise->dim() == 2 && noise->size(0) == x.size(0) && noise->size(1) == num_experts, op,
+                ": noise must be (T, E), got ", noise->sizes());
+    in.noise = noise->to(acc).contiguous();
+  }
+  if (token_k.has_value()) {
+    TORCH_CHECK(token_k->dim() == 1 && token_k->size(0) == x.size(0), op, ": token_k must be (T,), got ", token_k->sizes());
+    // Out-of-range values are clamped (the Python API rejects them before they get here).
+    in.token_k = token_k->to(at::kLong).clamp(1, k).contiguous();
+  }
+  return in;
+}
+
+template <typename acc_t>
+struct TokenScratch {
+  std::vector<acc_t> noisy, probs, extra;
+  std::vector<int64_t> order;
+  std::vector<char> selected;
+  explicit TokenScratch(int64_t experts)
+      : noisy(experts), probs(experts), extra(experts), order(experts), selected(experts) {}
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
+                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_k,
+                        int64_t k, double sigma, bool renormalize) {
+  const GatingInputs in = prepare(x, router_weight, noise, token_k, k, sigma, "sm4.topk_gating_forward");
+  const int64_t T = in.num_tokens, E = in.num_experts;
+  const auto acc_options = in.weight.options();
+  const auto long_options = x.options().dtype(at::kLong);
+  at::Tensor expert_ids = at::empty({T, k}, long_options);
+  at::Tensor gates = at::empty({T, k}, acc_options);
+  at::Tensor entropy = at::empty({T}, acc_options);
+  at::Tensor runner_up = at::empty({T}, long_options);
+  const int64_t num_blocks = (T + kTokenBlock - 1) / kTokenBlock;
+  at::Tensor block_importance = at::zeros({num_blocks, E}, acc_options);
+  at::Tensor block_load = at::zeros({num_blocks, E}, acc_options);
+  at::Tensor block_counts = at::zeros({num_blocks, E}, long_options);
+
+  AT_DISPATCH_FLOATING_TYPES(in.weight.scalar_type(), "topk_gating_forward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t sig = static_cast<acc_t>(sigma);
+    const bool noisy_routing = sigma > 0;
+    const acc_t* noise_ptr = noisy_routing ? in.noise.data_ptr<acc_t>() : nullptr;
+    const int64_t* token_k_ptr = in.token_k.defined() ? in.token_k.data_ptr<int64_t>() : nullptr;
+    const int64_t ranked = std::min(k + 1, E);
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      TokenScratch<acc_t> s(E);
+      std::vector<char> finite(kTokenBlock);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t t0 = b * kTokenBlock, t1 = std::min(T, t0 + kTokenBlock);
+        const at::Tensor logits_block = block_logits(in.x, in.weight, t0, t1, finite);
+        const acc_t* logits = logits_block.data_ptr<acc_t>();
+        acc_t* importance = block_importance.data_ptr<acc_t>() + b * E;
+        acc_t* load = block_load.data_ptr<acc_t>() + b * E;
+        int64_t* counts = block_counts.data_ptr<int64_t>() + b * E;
+        for (int64_t t = t0; t < t1; ++t) {
+          const acc_t* clean = logits + (t - t0) * E;
+          const int64_t kt = token_k_ptr ? token_k_ptr[t] : k;
+          int64_t* ids = expert_ids.data_ptr<int64_t>() + t * k;
+          acc_t* token_gates = gates.data_ptr<acc_t>() + t * k;
+          if (!finite[t - t0]) {
+            // Routed as if every logit were equal; NaN gates and entropy; not in importance/load.
+            for (int64_t r = 0; r < k; ++r) {
+              ids[r] = r < kt ? r : -1;
+              token_gates[r] = r < kt ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+              if (r < kt) ++counts[r];
+            }
+            entropy.data_ptr<acc_t>()[t] = std::numeric_limits<acc_t>::quiet_NaN();
+            runner_up.data_ptr<int64_t>()[t] = -1;
+            continue;
+          }
+          for (int64_t e = 0; e < E; ++e)
+            s.noisy[e] = noisy_routing ? clean[e] + sig * noise_ptr[t * E + e] : clean[e];
+          rank_experts(s.noisy.data(), E, ranked, s.order.data());
+          acc_t noisy_max, noisy_log_partition;
+          softmax(s.noisy.data(), E, s.probs.data(), noisy_max, noisy_log_partition);
+
+          acc_t active_sum = 0;
+          for (int64_t r = 0; r < kt; ++r) active_sum += s.probs[s.order[r]];
+          const acc_t scale = renormalize ? acc_t(1) / active_sum : acc_t(1);
+          std::fill(s.selected.begin(), s.selected.end(), 0);
+          for (int64_t r = 0; r < k; ++r) {
+            const bool active = r < kt;
+            ids[r] = active ? s.order[r] : -1;
+            token_gates[r] = active ? s.probs[s.order[r]] * scale : acc_t(0);
+            if (active) s.selected[s.order[r]] = 1;
+          }
+          runner_up.data_ptr<int64_t>()[t] = kt < E ? s.order[kt] : -1;
+
+          // Clean softmax (importance, entropy): the noisy one when there is no noise.
+          acc_t clean_max = noisy_max, clean_log_partition = noisy_log_partition;
+          const acc_t* q = s.probs.data();
+          if (noisy_routing) {
+            softmax(clean, E, s.extra.data(), clean_max, clean_log_partition);
+            q = s.extra.data();
+          }
+          // H = -sum q log q with log q_e = (l_e - max) - log Z: no per-expert log.
+          acc_t weighted = 0;
+          for (int64_t e = 0; e < E; ++e) weighted += q[e] * (clean[e] - clean_max);
+          entropy.data_ptr<acc_t>()[t] = clean_log_partition - weighted;
+
+          const acc_t threshold_selected =
+              kt < E ? s.noisy[s.order[kt]] : -std::numeric_limits<acc_t>::infinity();
+          const acc_t threshold_unselected = s.noisy[s.order[kt - 1]];
+          for (int64_t e = 0; e < E; ++e) {
+            importance[e] += q[e];
+            counts[e] += s.selected[e];
+            if (noisy_routing) {
+              const acc_t threshold = s.selected[e] ? threshold_selected : threshold_unselected;
+              load[e] += normal_cdf((clean[e] - threshold) / sig);
+            } else {
+              load[e] += s.selected[e];
+            }
+          }
+        }
+      }
+    });
+  });
+
+  // Block sums in block order, in double: deterministic whatever the thread count.
+  at::Tensor importance = at::empty({E}, acc_options), load = at::empty({E}, acc_options);
+  at::Tensor counts = at::zeros({E}, long_options);
+  AT_DISPATCH_FLOATING_TYPES(in.weight.scalar_type(), "topk_gating_forward_reduce", [&] {
+    const scalar_t* bi = block_importance.data_ptr<scalar_t>();
+    const scalar_t* bl = block_load.data_ptr<scalar_t>();
+    const int64_t* bc = block_counts.data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      double imp = 0, ld = 0;
+      int64_t cnt = 0;
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        imp += bi[b * E + e];
+        ld += bl[b * E + e];
+        cnt += bc[b * E + e];
+      }
+      importance.data_ptr<scalar_t>()[e] = static_cast<scalar_t>(imp);
+      load.data_ptr<scalar_t>()[e] = static_cast<scalar_t>(ld);
+      counts.data_ptr<int64_t>()[e] = cnt;
+    }
+  });
+  return {gates, expert_ids, entropy, importance, load, counts, runner_up};
+}
+
+at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_gates, const at::Tensor& grad_importance,
+                                    const at::Tensor& grad_load, const at::Tensor& x,
+                                    const at::Tensor& router_weight, const std::optional<at::Tensor>& noise,
+                                    const at::Tensor& expert_ids, const at::Tensor& runner_up, double sigma,
+                                    bool renormalize) {
+  const int64_t k = expert_ids.size(1);
+  const GatingInputs in = prepare(x, router_weight, noise, std::nullopt, k, sigma, "sm4.topk_gating_backward");
+  const int64_t T = in.num_tokens, E = in.num_experts;
+  const auto acc = in.weight.scalar_type();
+  const at::Tensor d_gates = grad_gates.to(acc).contiguous();
+  const at::Tensor d_importance = grad_importance.to(acc).contiguous();
+  const at::Tensor d_load = grad_load.to(acc).contiguous();
+  const at::Tensor ids_all = expert_ids.contiguous(), runners = runner_up.contiguous();
+  at::Tensor grad_logits = at::empty({T, E}, in.weight.options());
+  const int64_t num_blocks = (T + kTokenBlock - 1) / kTokenBlock;
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "topk_gating_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t sig = static_cast<acc_t>(sigma);
+    const bool noisy_routing = sigma > 0;
+    const acc_t* noise_ptr = noisy_routing ? in.noise.data_ptr<acc_t>() : nullptr;
+    const acc_t* dI = d_importance.data_ptr<acc_t>();
+    const acc_t* dL = d_load.data_ptr<acc_t>();
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      TokenScratch<acc_t> s(E);
+      std::vector<acc_t> d_probs(E);
+      std::vector<char> finite(kTokenBlock);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t t0 = b * kTokenBlock, t1 = std::min(T, t0 + kTokenBlock);
+        const at::Tensor logits_block = block_logits(in.x, in.weight, t0, t1, finite);
+        const acc_t* logits = logits_block.data_ptr<acc_t>();
+        for (int64_t t = t0; t < t1; ++t) {
+          acc_t* dl = grad_logits.data_ptr<acc_t>() + t * E;
+          std::fill(dl, dl + E, acc_t(0));
+          if (!finite[t - t0]) continue;  // a non-finite token contributes no gradient
+          const acc_t* clean = logits + (t - t0) * E;
+          const int64_t* ids = ids_all.data_ptr<int64_t>() + t * k;
+          const acc_t* dg = d_gates.data_ptr<acc_t>() + t * k;
+          int64_t kt = 0;
+          while (kt < k && ids[kt] >= 0) ++kt;
+          for (int64_t e = 0; e < E; ++e)
+            s.noisy[e] = noisy_routing ? clean[e] + sig * noise_ptr[t * E + e] : clean[e];
+          acc_t unused_max, unused_log_partition;
+          softmax(s.noisy.data(), E, s.probs.data(), unused_max, unused_log_partition);
+
+          // Gates -> noisy probabilities (through the optional renormalisation).
+          std::fill(d_probs.begin(), d_probs.end(), acc_t(0));
+          if (renormalize) {
+            acc_t active_sum = 0, dot = 0;
+            for (int64_t r = 0; r < kt; ++r) active_sum += s.probs[ids[r]];
+            for (int64_t r = 0; r < kt; ++r) dot += dg[r] * s.probs[ids[r]] / active_sum;
+            for (int64_t r = 0; r < kt; ++r) d_probs[ids[r]] += (dg[r] - dot) / active_sum;
+          } else {
+            for (int64_t r = 0; r < kt; ++r) d_probs[ids[r]] += dg[r];
+          }
+          // Softmax backward (noise is additive, so d noisy = d clean logits).
+          acc_t dot = 0;
+          for (int64_t e = 0; e < E; ++e) dot += s.probs[e] * d_probs[e];
+          for (int64_t e = 0; e < E; ++e) dl[e] = s.probs[e] * (d_probs[e] - dot);
+
+          // Importance = sum of the clean softmax.
+          const acc_t* q = s.probs.data();
+          if (noisy_routing) {
+            softmax(clean, E, s.extra.data(), unused_max, unused_log_partition);
+            q = s.extra.data();
+          }
+          acc_t q_dot = 0;
+          for (int64_t e = 0; e < E; ++e) q_dot += q[e] * dI[e];
+          for (int64_t e = 0; e < E; ++e) dl[e] += q[e] * (dI[e] - q_dot);
+
+          // Smooth load: Phi((l_e - n_j) / sigma), j the threshold expert of e.
+          if (noisy_routing) {
+            std::fill(s.selected.begin(), s.selected.end(), 0);
+            for (int64_t r = 0; r < kt; ++r) s.selected[ids[r]] = 1;
+            const int64_t runner = runners.data_ptr<int64_t>()[t];
+            const int64_t last_selected = ids[kt - 1];
+            for (int64_t e = 0; e < E; ++e) {
+              const int64_t j = s.selected[e] ? runner : last_selected;
+              if (j < 0) continue;  // k_t = E: the expert is selected whatever the noise
+              const acc_t a = normal_pdf((clean[e] - s.noisy[j]) / sig) / sig * dL[e];
+              dl[e] += a;
+              dl[j] -= a;
+            }
+          }
+        }
+      }
+    });
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sm4, CPU, m) {
+  m.impl("topk_gating_forward", &topk_gating_forward_cpu);
+  m.impl("topk_gating_backward", &topk_gating_backward_cpu);
+}
+
+}  // namespace sm4

@@ -1,0 +1,107 @@
+"""Pieces of top-k gating shared by the kernel backends (cpu, cuda, triton).
+
+Each backend provides two ops with one contract (see csrc/sm4_ops.cpp):
+``topk_gating_forward`` (fused routing, returning gates, ids, entropy, importance, load, counts
+and the runner-up expert) and ``topk_gating_backward`` (d loss / d logits). This module wraps such a
+pair into the public ``topk_gating``: it draws the noise (``reference.router_noise``, so every
+backend sees the same noise), registers the autograd formula once for every backend, and runs the
+tiny finishing step (the two CV² terms) in PyTorch.
+"""
+
+import torch
+
+from . import reference
+from .types import RoutingResult
+
+
+def register_gating(forward_name: str, backward_name: str, backward_op):
+    """Register fake kernels and autograd for a (forward, backward) op pair of any backend.
+
+    forward_name / backward_name: qualified op names ("sm4::..."); backward_op: the callable
+    backward op (``torch.ops.sm4.<name>`` or a ``custom_op``).
+    """
+
+    @torch.library.register_fake(forward_name)
+    def _forward_fake(x, router_weight, noise, token_k, k, sigma, renormalize):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tokens, experts = x.shape[0], router_weight.shape[1]
+        return (
+            x.new_empty((tokens, k), dtype=acc),  # gates
+            x.new_empty((tokens, k), dtype=torch.int64),  # expert_ids
+            x.new_empty((tokens,), dtype=acc),  # entropy
+            x.new_empty((experts,), dtype=acc),  # importance
+            x.new_empty((experts,), dtype=acc),  # load
+            x.new_empty((experts,), dtype=torch.int64),  # expert_counts
+            x.new_empty((tokens,), dtype=torch.int64),  # runner_up
+        )
+
+    @torch.library.register_fake(backward_name)
+    def _backward_fake(grad_gates, grad_importance, grad_load, x, router_weight, noise, expert_ids, runner_up, sigma, renormalize):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty((x.shape[0], router_weight.shape[1]), dtype=acc)
+
+    def setup_context(ctx, inputs, output):
+        x, router_weight, noise, _token_k, _k, sigma, renormalize = inputs
+        gates, expert_ids, _entropy, _importance, _load, _counts, runner_up = output
+        ctx.save_for_backward(x, router_weight, noise, expert_ids, gates, runner_up)
+        ctx.sigma, ctx.renormalize = sigma, renormalize
+
+    def backward(ctx, d_gates, _d_ids, _d_entropy, d_importance, d_load, _d_counts, _d_runner):
+        x, router_weight, noise, expert_ids, gates, runner_up = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            experts = router_weight.shape[1]
+            d_gates = torch.zeros_like(gates) if d_gates is None else d_gates
+            d_importance = gates.new_zeros(experts) if d_importance is None else d_importance
+            d_load = gates.new_zeros(experts) if d_load is None else d_load
+            grad_logits = backward_op(
+                d_gates, d_importance, d_load, x, router_weight, noise, expert_ids, runner_up, ctx.sigma, ctx.renormalize
+            )
+            grad_x, grad_weight = logits_grad_to_inputs(grad_logits, x, router_weight, gates, ctx.needs_input_grad)
+        return grad_x, grad_weight, None, None, None, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+def logits_grad_to_inputs(grad_logits, x, router_weight, gates, needs_input_grad):
+    """grad_x = grad_logits @ W^T and grad_W = x^T @ grad_logits (the two router GEMMs).
+
+    Rows of x of non-finite tokens (NaN gates) are zeroed first: their grad_logits rows are 0, but
+    NaN * 0 would still spread NaN into every router weight.
+    """
+    acc = grad_logits.dtype
+    grad_x = grad_weight = None
+    if needs_input_grad[0]:
+        grad_x = (grad_logits @ router_weight.to(acc).t()).to(x.dtype)
+    if needs_input_grad[1]:
+        finite = ~torch.isnan(gates[:, :1])  # rank 0 is always active: NaN there marks a bad token
+        x_safe = torch.where(finite, x.to(acc), 0.0)
+        grad_weight = (x_safe.t() @ grad_logits).to(router_weight.dtype)
+    return grad_x, grad_weight
+
+
+def make_topk_gating(forward_op):
+    """The public topk_gating (same arguments as reference.topk_gating) on a fused forward op."""
+
+    def topk_gating(x, router_weight, k, token_k=None, noise_std=1.0, training=False, renormalize=False, generator=None, noise=None):
+        experts = router_weight.shape[1]
+        sigma = noise_std / experts if training else 0.0
+        if sigma > 0 and noise is None:
+            noise = reference.router_noise(x.shape[0], experts, x.device, generator)
+        if sigma == 0:
+            noise = None
+        gates, ids, entropy, importance, load, counts, _runner_up = forward_op(
+            x, router_weight, noise, token_k, k, float(sigma), renormalize
+        )
+        return RoutingResult(
+            expert_ids=ids,
+            gates=gates,
+            entropy=entropy.detach(),
+            expert_counts=counts,
+            importance=importance,
+            load=load,
+            importance_loss=reference.cv_squared(importance),
+            load_loss=reference.cv_squared(load),
+        )
+
+    return topk_gating
