@@ -30,12 +30,17 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 @triton.jit
 def _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr):
-    """(BLOCK_T, BLOCK_E) fp32 logits and a (BLOCK_T,) flag: the token's input is all finite."""
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr,
+                   LOW_PRECISION_DOT: tl.constexpr):
+    """(BLOCK_T, BLOCK_E) fp32 logits and a (BLOCK_T,) flag: the token's input is all finite.
+
+    D_BLOCKS = cdiv(d, BLOCK_D) is a compile-time constant (d is fixed per layer): Triton 3.6's
+    interpreter cannot take a loop bound from a runtime scalar.
+    """
     acc = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     finite = tl.full((BLOCK_T,), 1, tl.int1)
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    for block in range(D_BLOCKS):
+        cols = block * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         x = tl.load(x_ptr + tokens[:, None] * dim + cols[None, :], mask=token_mask[:, None] & (cols[None, :] < dim), other=0.0)
         w = tl.load(w_ptr + cols[:, None] * num_experts + experts[None, :], mask=(cols[:, None] < dim) & expert_mask[None, :], other=0.0)
         ok = (x == x) & (tl.abs(x.to(tl.float32)) < float("inf"))
@@ -56,7 +61,8 @@ def _gating_forward_kernel(
     num_tokens, dim, num_experts, sigma,
     K: tl.constexpr, K_PAD: tl.constexpr, NUM_RANKED: tl.constexpr,
     HAS_NOISE: tl.constexpr, HAS_TOKEN_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr,
+    LOW_PRECISION_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -66,7 +72,7 @@ def _gating_forward_kernel(
     ranks = tl.arange(0, K_PAD)
 
     clean, finite = _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
-                                   BLOCK_T, BLOCK_E, BLOCK_D, LOW_PRECISION_DOT)
+                                   BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS, LOW_PRECISION_DOT)
     finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(clean) < float("inf"), 1).to(tl.int32), axis=1) > 0)
     good = token_mask & finite
     clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
@@ -157,7 +163,8 @@ def _gating_backward_kernel(
     d_gates_ptr, d_importance_ptr, d_load_ptr, d_logits_ptr,
     num_tokens, dim, num_experts, sigma,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, RENORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr,
+    LOW_PRECISION_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -166,7 +173,7 @@ def _gating_backward_kernel(
     expert_mask = experts < num_experts
 
     clean, finite = _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
-                                   BLOCK_T, BLOCK_E, BLOCK_D, LOW_PRECISION_DOT)
+                                   BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS, LOW_PRECISION_DOT)
     finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(clean) < float("inf"), 1).to(tl.int32), axis=1) > 0)
     good = token_mask & finite
     clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
@@ -270,7 +277,8 @@ def gating_forward(
             tokens, dim, experts, float(sigma),
             K=k, K_PAD=triton.next_power_of_2(k), NUM_RANKED=min(k + 1, experts),
             HAS_NOISE=has_noise, HAS_TOKEN_K=token_k is not None, RENORMALIZE=renormalize,
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, LOW_PRECISION_DOT=low_precision,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d),
+            LOW_PRECISION_DOT=low_precision,
         )
     # Per-program partial sums, added in program order: deterministic.
     return (gates, ids, entropy, block_importance.sum(0), block_load.sum(0), block_counts.sum(0), runner)
@@ -298,7 +306,8 @@ def gating_backward(
             grad_gates.float().contiguous(), grad_importance.float().contiguous(), grad_load.float().contiguous(), d_logits,
             tokens, dim, experts, float(sigma),
             K=k, HAS_NOISE=has_noise, RENORMALIZE=renormalize,
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, LOW_PRECISION_DOT=low_precision,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d),
+            LOW_PRECISION_DOT=low_precision,
         )
     return d_logits
 
@@ -318,7 +327,7 @@ _BACKWARD_SIGNATURE = {
     "d_gates_ptr": "*fp32", "d_importance_ptr": "*fp32", "d_load_ptr": "*fp32", "d_logits_ptr": "*fp32",
     "num_tokens": "i64", "dim": "i64", "num_experts": "i64", "sigma": "fp32",
 }
-_CONSTEXPRS = ("K", "K_PAD", "NUM_RANKED", "HAS_NOISE", "HAS_TOKEN_K", "RENORMALIZE", "BLOCK_T", "BLOCK_E", "BLOCK_D", "LOW_PRECISION_DOT")
+_CONSTEXPRS = ("K", "K_PAD", "NUM_RANKED", "HAS_NOISE", "HAS_TOKEN_K", "RENORMALIZE", "BLOCK_T", "BLOCK_E", "BLOCK_D", "D_BLOCKS", "LOW_PRECISION_DOT")
 
 # The issue's GPU shape (bf16, E = 64, k = 2, training with per-token k) and an fp32, E = 13 one.
 GPU_COMPILE_CHECKS = [
@@ -326,17 +335,17 @@ GPU_COMPILE_CHECKS = [
         _gating_forward_kernel,
         {**_FORWARD_SIGNATURE, **{name: "constexpr" for name in _CONSTEXPRS}},
         dict(K=2, K_PAD=2, NUM_RANKED=3, HAS_NOISE=True, HAS_TOKEN_K=True, RENORMALIZE=False,
-             BLOCK_T=64, BLOCK_E=64, BLOCK_D=64, LOW_PRECISION_DOT=True),
+             BLOCK_T=64, BLOCK_E=64, BLOCK_D=64, D_BLOCKS=64, LOW_PRECISION_DOT=True),
     ),
     (
         _gating_forward_kernel,
         {**_FORWARD_SIGNATURE, "x_ptr": "*fp32", "w_ptr": "*fp32", **{name: "constexpr" for name in _CONSTEXPRS}},
         dict(K=3, K_PAD=4, NUM_RANKED=4, HAS_NOISE=False, HAS_TOKEN_K=False, RENORMALIZE=True,
-             BLOCK_T=64, BLOCK_E=16, BLOCK_D=64, LOW_PRECISION_DOT=False),
+             BLOCK_T=64, BLOCK_E=16, BLOCK_D=64, D_BLOCKS=2, LOW_PRECISION_DOT=False),
     ),
     (
         _gating_backward_kernel,
-        {**_BACKWARD_SIGNATURE, **{name: "constexpr" for name in ("K", "HAS_NOISE", "RENORMALIZE", "BLOCK_T", "BLOCK_E", "BLOCK_D", "LOW_PRECISION_DOT")}},
-        dict(K=2, HAS_NOISE=True, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=64, BLOCK_D=64, LOW_PRECISION_DOT=True),
+        {**_BACKWARD_SIGNATURE, **{name: "constexpr" for name in ("K", "HAS_NOISE", "RENORMALIZE", "BLOCK_T", "BLOCK_E", "BLOCK_D", "D_BLOCKS", "LOW_PRECISION_DOT")}},
+        dict(K=2, HAS_NOISE=True, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=64, BLOCK_D=64, D_BLOCKS=64, LOW_PRECISION_DOT=True),
     ),
 ]
