@@ -54,12 +54,17 @@ def requested_backend(argument: str | None) -> tuple[str, str]:
     return "auto", "auto"
 
 
-def select(op: str, tensors: Iterable[torch.Tensor], backend: str | None = None) -> tuple[str, Callable]:
-    """Return (backend name, implementation) for one call of ``op`` on ``tensors``."""
+def select(
+    op: str, tensors: Iterable[torch.Tensor], backend: str | None = None, sizes: dict[str, int] | None = None
+) -> tuple[str, Callable]:
+    """Return (backend name, implementation) for one call of ``op`` on ``tensors``.
+
+    sizes: the call's sizes by name (e.g. {"E": 64}) for the backends' size limits.
+    """
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     name, source = requested_backend(backend)
     if name != "auto":
-        reasons = BACKENDS[name].not_supported_reasons(op, tensors, forced=True)
+        reasons = BACKENDS[name].not_supported_reasons(op, tensors, forced=True, sizes=sizes)
         if reasons:
             raise BackendNotSupportedError(
                 f"sm4.ops.{op}: backend {name!r} (forced by {source}) cannot run this call: "
@@ -68,7 +73,7 @@ def select(op: str, tensors: Iterable[torch.Tensor], backend: str | None = None)
         return name, BACKENDS[name].kernels[op]
     refusals = []
     for candidate in PREFERENCE:
-        reasons = candidate.not_supported_reasons(op, tensors, forced=False)
+        reasons = candidate.not_supported_reasons(op, tensors, forced=False, sizes=sizes)
         if not reasons:
             return candidate.name, candidate.kernels[op]
         refusals.append(f"  {candidate.name}: " + "; ".join(reasons))

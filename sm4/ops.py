@@ -99,7 +99,8 @@ def topk_gating(
     """
     c = Checker("sm4.ops.topk_gating")
     _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
-    _, impl = dispatch.select("topk_gating", (x, router_weight, noise), backend)
+    sizes = {"T": x.shape[0], "d": x.shape[1], "E": router_weight.shape[1], "k": k}
+    _, impl = dispatch.select("topk_gating", (x, router_weight, noise), backend, sizes)
     return impl(
         x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise,

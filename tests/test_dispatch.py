@@ -124,3 +124,19 @@ def test_missing_extension_gives_a_stub_that_says_how_to_build_it():
     assert "pip install --no-build-isolation -e ." in out
     assert "AUTO [0, 1, 2]" in out
     assert "FORCED sm4.ops.expert_histogram: backend 'cpu'" in out
+
+
+def test_size_limits_and_unverified_kernels_are_reasons():
+    cuda = backends.CUDA
+    assert cuda.limits["topk_gating"] == {"E": 256}
+    # Build a stand-in with the CUDA backend's rules but available, to read its reasons here.
+    import dataclasses
+
+    stand_in = dataclasses.replace(cuda, unavailable_reason=None, kernels={"topk_gating": None}, device_types=frozenset({"cpu"}))
+    x = torch.zeros(2, 2)
+    assert stand_in.not_supported_reasons("topk_gating", [x], forced=True, sizes={"E": 300}) == [
+        "topk_gating supports E <= 256, got E = 300"
+    ]
+    assert stand_in.not_supported_reasons("topk_gating", [x], forced=True, sizes={"E": 64}) == []
+    auto = stand_in.not_supported_reasons("topk_gating", [x], forced=False, sizes={"E": 64})
+    assert auto == ["its topk_gating kernel has not yet been run on a GPU; it is used only when forced"]
