@@ -8,7 +8,11 @@ this file first.
 
 import os
 
-import torch
+# numpy's OpenBLAS threads spin beside torch's on this small machine and steal its time; sm4 never
+# calls numpy's BLAS. Must be set before numpy is loaded (torch loads it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

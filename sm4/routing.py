@@ -74,9 +74,15 @@ def logits_grad_to_inputs(grad_logits, x, router_weight, gates, needs_input_grad
     if needs_input_grad[0]:
         grad_x = (grad_logits @ router_weight.to(acc).t()).to(x.dtype)
     if needs_input_grad[1]:
+        x_acc = x.to(acc)
         finite = ~torch.isnan(gates[:, :1])  # rank 0 is always active: NaN there marks a bad token
-        x_safe = torch.where(finite, x.to(acc), 0.0)
-        grad_weight = (x_safe.t() @ grad_logits).to(router_weight.dtype)
+        # Copying x to zero bad rows costs as much as the GEMM; on plain CPU tensors, where reading
+        # the flag is free, skip the copy when every token is finite. GPU tensors (a read would be a
+        # host sync) and traced ones (fake / functional subclasses, no data) always mask.
+        eager_cpu = x.device.type == "cpu" and type(finite) is torch.Tensor and not torch.compiler.is_compiling()
+        if not eager_cpu or not bool(finite.all()):
+            x_acc = torch.where(finite, x_acc, 0.0)
+        grad_weight = (x_acc.t() @ grad_logits).to(router_weight.dtype)
     return grad_x, grad_weight
 
 

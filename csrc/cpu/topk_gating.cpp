@@ -1,6 +1,6 @@
 // CPU kernels of sm4::topk_gating_forward / topk_gating_backward (SM4_SPEC §2).
 //
-// Tokens are processed in fixed blocks of kTokenBlock, in parallel over blocks. For each block the
+// Tokens are processed in fixed blocks (token_block(d) tokens), in parallel over blocks. For each block the
 // router logits come from one small GEMM (at::mm on a cache-resident block, so the (T, E) logits
 // never travel through memory), then each token's routing is computed in one pass: noise, softmax,
 // top-k with ties to the lower index, per-token k, gates, entropy, and its contributions to the
@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -23,12 +24,18 @@
 namespace sm4 {
 namespace {
 
-// 64 tokens x d features per GEMM: large enough for MKL to run near peak, small enough that the
-// block and its logits stay in L2 while the per-token pass reads them.
-constexpr int64_t kTokenBlock = 64;
+// Tokens per block: about 16k elements of x per GEMM (64 tokens at d = 256 and above, up to 256
+// at small d), large enough that the per-block GEMM call costs little next to its work, small
+// enough that the block and its logits stay in L2 while the per-token pass reads them. It depends
+// only on d, so the block partial sums, and hence the results, are the same on every run.
+int64_t token_block(int64_t dim) { return std::clamp<int64_t>(16384 / std::max<int64_t>(dim, 1), 64, 256); }
 
 template <typename acc_t>
 acc_t normal_cdf(acc_t z) {
+  // |z| > 9: Phi is within 1e-19 of 0 or 1, below fp32 and fp64 resolution of the load sums;
+  // with sigma = noise_std / E most experts land there, and erfc is the costliest call per expert.
+  if (z < acc_t(-9)) return acc_t(0);
+  if (z > acc_t(9)) return acc_t(1);
   return acc_t(0.5) * std::erfc(-z * acc_t(0.70710678118654752440));
 }
 
@@ -37,25 +44,78 @@ acc_t normal_pdf(acc_t z) {
   return acc_t(0.39894228040143267794) * std::exp(acc_t(-0.5) * z * z);
 }
 
+// Multi-versioned hot loops: the loader picks the AVX2 clone where the CPU has it, so one build
+// runs everywhere and still uses 8-wide vectors.
+// finite-math-only lets fmaxf vectorise; the inputs of these loops are finite by construction
+// (non-finite tokens are handled before them).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SM4_VECTOR_CLONES __attribute__((target_clones("avx2", "default"), optimize("finite-math-only")))
+#else
+#define SM4_VECTOR_CLONES
+#endif
+
+// out[i] = exp(in[i] - shift) for in[i] - shift in [-87, 0] (a softmax numerator). Cephes-style:
+// exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], exp(r) by a degree-6 polynomial
+// (relative error < 2 ulp); written branch-free so that the compiler vectorises it.
+SM4_VECTOR_CLONES
+void exp_shifted(const float* __restrict__ in, float shift, float* __restrict__ out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = __builtin_fmaxf(in[i] - shift, -87.0f);
+    // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so it vectorises).
+    const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    out[i] = p * scale;
+  }
+}
+
+void exp_shifted(const double* in, double shift, double* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i] - shift);
+}
+
 // The first `count` entries of `order` become the experts with the largest noisy logits, by
 // (logit descending, index ascending): a strict total order, so equal logits go to the lower index.
+// For a few ranks, repeated first-maximum scans (strict >, ascending index) beat a sort.
 template <typename acc_t>
-void rank_experts(const acc_t* noisy, int64_t num_experts, int64_t count, int64_t* order) {
+void rank_experts(const acc_t* noisy, int64_t num_experts, int64_t count, int64_t* order, acc_t* scratch) {
+  if (count <= 8) {
+    std::copy(noisy, noisy + num_experts, scratch);
+    for (int64_t r = 0; r < count; ++r) {
+      int64_t best = 0;
+      acc_t best_value = scratch[0];
+      for (int64_t e = 1; e < num_experts; ++e) {
+        if (scratch[e] > best_value) {
+          best_value = scratch[e];
+          best = e;
+        }
+      }
+      order[r] = best;
+      scratch[best] = -std::numeric_limits<acc_t>::infinity();
+    }
+    return;
+  }
   std::iota(order, order + num_experts, int64_t{0});
   std::partial_sort(order, order + count, order + num_experts, [noisy](int64_t a, int64_t b) {
     return noisy[a] > noisy[b] || (noisy[a] == noisy[b] && a < b);
   });
 }
 
-// softmax(values) into out; returns log of the partition function relative to the max, and the max.
+// softmax(values) into out; also returns the max and log of the partition function relative to it.
 template <typename acc_t>
 void softmax(const acc_t* values, int64_t n, acc_t* out, acc_t& max_value, acc_t& log_partition) {
   max_value = *std::max_element(values, values + n);
+  exp_shifted(values, max_value, out, n);
   acc_t partition = 0;
-  for (int64_t e = 0; e < n; ++e) {
-    out[e] = std::exp(values[e] - max_value);
-    partition += out[e];
-  }
+  for (int64_t e = 0; e < n; ++e) partition += out[e];
   const acc_t inverse = acc_t(1) / partition;
   for (int64_t e = 0; e < n; ++e) out[e] *= inverse;
   log_partition = std::log(partition);
@@ -140,7 +200,8 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   at::Tensor gates = at::empty({T, k}, acc_options);
   at::Tensor entropy = at::empty({T}, acc_options);
   at::Tensor runner_up = at::empty({T}, long_options);
-  const int64_t num_blocks = (T + kTokenBlock - 1) / kTokenBlock;
+  const int64_t block_tokens = token_block(x.size(1));
+  const int64_t num_blocks = (T + block_tokens - 1) / block_tokens;
   at::Tensor block_importance = at::zeros({num_blocks, E}, acc_options);
   at::Tensor block_load = at::zeros({num_blocks, E}, acc_options);
   at::Tensor block_counts = at::zeros({num_blocks, E}, long_options);
@@ -154,9 +215,9 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
     const int64_t ranked = std::min(k + 1, E);
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
       TokenScratch<acc_t> s(E);
-      std::vector<char> finite(kTokenBlock);
+      std::vector<char> finite(block_tokens);
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t t0 = b * kTokenBlock, t1 = std::min(T, t0 + kTokenBlock);
+        const int64_t t0 = b * block_tokens, t1 = std::min(T, t0 + block_tokens);
         const at::Tensor logits_block = block_logits(in.x, in.weight, t0, t1, finite);
         const acc_t* logits = logits_block.data_ptr<acc_t>();
         acc_t* importance = block_importance.data_ptr<acc_t>() + b * E;
@@ -180,7 +241,7 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
           }
           for (int64_t e = 0; e < E; ++e)
             s.noisy[e] = noisy_routing ? clean[e] + sig * noise_ptr[t * E + e] : clean[e];
-          rank_experts(s.noisy.data(), E, ranked, s.order.data());
+          rank_experts(s.noisy.data(), E, ranked, s.order.data(), s.extra.data());
           acc_t noisy_max, noisy_log_partition;
           softmax(s.noisy.data(), E, s.probs.data(), noisy_max, noisy_log_partition);
 
@@ -263,7 +324,8 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_gates, const at::Tens
   const at::Tensor d_load = grad_load.to(acc).contiguous();
   const at::Tensor ids_all = expert_ids.contiguous(), runners = runner_up.contiguous();
   at::Tensor grad_logits = at::empty({T, E}, in.weight.options());
-  const int64_t num_blocks = (T + kTokenBlock - 1) / kTokenBlock;
+  const int64_t block_tokens = token_block(x.size(1));
+  const int64_t num_blocks = (T + block_tokens - 1) / block_tokens;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "topk_gating_backward_cpu", [&] {
     using acc_t = scalar_t;
@@ -275,9 +337,9 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_gates, const at::Tens
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
       TokenScratch<acc_t> s(E);
       std::vector<acc_t> d_probs(E);
-      std::vector<char> finite(kTokenBlock);
+      std::vector<char> finite(block_tokens);
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t t0 = b * kTokenBlock, t1 = std::min(T, t0 + kTokenBlock);
+        const int64_t t0 = b * block_tokens, t1 = std::min(T, t0 + block_tokens);
         const at::Tensor logits_block = block_logits(in.x, in.weight, t0, t1, finite);
         const acc_t* logits = logits_block.data_ptr<acc_t>();
         for (int64_t t = t0; t < t1; ++t) {
