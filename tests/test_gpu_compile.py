@@ -100,3 +100,10 @@ def test_triton_kernels_compile_for_gpu(arch):
     result = subprocess.run([sys.executable, "-c", TRITON_COMPILE, arch], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert int(result.stdout.split()[-1]) >= 1, "no Triton kernel declared GPU_COMPILE_CHECKS"
+
+
+def test_no_two_cuda_sources_compile_to_the_same_object():
+    # torch's ninja build names objects by path without the suffix: x.cu and x.cpp would collide
+    # (a CPU-only build never compiles csrc/cuda, so only this test sees it).
+    stems = [p.stem for p in (ROOT / "csrc" / "cuda").iterdir() if p.suffix in (".cu", ".cpp")]
+    assert len(stems) == len(set(stems)), sorted(stems)
