@@ -45,6 +45,26 @@ TORCH_LIBRARY(sm4, m) {
   // Its backward up to the router logits: grad_logits (T, E) in the accumulation type, from the
   // gradients of gates (T, k), importance (E,) and load (E,). The caller finishes with two
   // matmuls: grad_x = grad_logits @ W^T and grad_W = x^T @ grad_logits.
+  // Token permutation (see sm4/types.py RoutingMetadata). A counting sort over E + 1 bins (the
+  // last for inactive assignments, which so land in the padding rows in (token, rank) order):
+  //   expert_ids (T, k) -> counts (E,), offsets (E + 1,), sorted_assignment (T*k,),
+  //   sorted_token (T*k,), assignment_row (T, k) (-1 for inactive), all int64; stable.
+  m.def(
+      "routing_metadata(Tensor expert_ids, int num_experts) -> (Tensor expert_counts, "
+      "Tensor expert_offsets, Tensor sorted_assignment, Tensor sorted_token, Tensor assignment_row)");
+  // x (T, d) -> (N = T * k, d): row assignment_row[t, r] = x[t] for each active (t, r); rows from
+  // expert_offsets[E] on are zero. (Written by assignment so the backward needs only this op's
+  // inputs: it gathers each token's rows back.)
+  m.def("permute(Tensor x, Tensor assignment_row, Tensor expert_offsets) -> Tensor");
+  // grad of permute: grad_x[t] = sum over t's active ranks r of grad_sorted[assignment_row[t, r]].
+  m.def("permute_backward(Tensor grad_sorted, Tensor assignment_row) -> Tensor");
+  // y[t] = sum over active r of gates[t, r] * y_sorted[assignment_row[t, r]], accumulated in fp32
+  // (fp64 for fp64) in rank order; y has y_sorted's dtype.
+  m.def("unpermute(Tensor y_sorted, Tensor gates, Tensor assignment_row) -> Tensor");
+  // grads of unpermute: grad_y_sorted (N, d) (zero on padding rows) and grad_gates (T, k).
+  m.def(
+      "unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor gates, Tensor assignment_row) -> "
+      "(Tensor grad_y_sorted, Tensor grad_gates)");
   m.def(
       "topk_gating_backward(Tensor grad_gates, Tensor grad_importance, Tensor grad_load, Tensor x, "
       "Tensor router_weight, Tensor? noise, Tensor expert_ids, Tensor runner_up, float sigma, "

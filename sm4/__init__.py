@@ -11,7 +11,7 @@ and ``sm4.backends`` the backend selection; ``sm4.kernels`` holds the Triton ker
 ``torch.ops.sm4`` the compiled C++/CUDA ones.
 """
 
-from . import _extension, backends, dispatch, ops, reference
+from . import _extension, backends, compiled, dispatch, ops, reference
 from .dispatch import BackendNotSupportedError, available_backends, implemented_ops, use_backend
 from .types import MoEOutput, RoutingMetadata, RoutingResult
 
@@ -48,6 +48,8 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "extension_error": _extension.LOAD_ERROR,
+        # Ops whose Python side exists but which the loaded sm4._C lacks: rebuild it.
+        "stale_extension_missing_ops": list(compiled.STALE),
         "compiled_ops": {
             op: [key for key in ("CPU", "CUDA") if _extension.has_kernel(op, key)]
             for op in _extension.compiled_ops()

@@ -11,6 +11,8 @@ def info(args):
     print(f"sm4 {details['sm4']}  torch {details['torch']}  triton {details['triton']}")
     if details["extension_error"]:
         print(f"  compiled extension: missing: {details['extension_error']}")
+    if details["stale_extension_missing_ops"]:
+        print(f"  compiled extension is stale (rebuild it): missing {', '.join(details['stale_extension_missing_ops'])}")
     for op, keys in details["compiled_ops"].items():
         print(f"  compiled op sm4::{op}: {', '.join(keys) or 'no kernels'}")
     for name, reason in details["backends"].items():

@@ -35,7 +35,7 @@ STEP_OPS = (
 
 # Which issue brings each op to the kernel backends, for the "not implemented yet" reasons.
 PLANNED_IN = {
-    "routing_metadata": "the token permutation issue (#4)",
+    "routing_metadata": "the token permutation issue (#4)",  # triton, cuda
     "permute": "the token permutation issue (#4)",
     "unpermute": "the token permutation issue (#4)",
     "grouped_linear": "the grouped GEMM issue (#5)",
