@@ -135,9 +135,15 @@ def _triton_availability() -> str | None:
 
 
 def _triton_kernels() -> dict[str, Callable]:
-    from .kernels import expert_histogram, topk_gating
+    from .kernels import expert_histogram, permutation, topk_gating
 
-    return {"expert_histogram": expert_histogram.expert_histogram, "topk_gating": topk_gating.topk_gating}
+    return {
+        "expert_histogram": expert_histogram.expert_histogram,
+        "topk_gating": topk_gating.topk_gating,
+        "routing_metadata": permutation.routing_metadata,
+        "permute": permutation.permute,
+        "unpermute": permutation.unpermute,
+    }
 
 
 REFERENCE = Backend.create(

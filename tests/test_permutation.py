@@ -137,19 +137,24 @@ def test_nan_row_stays_in_its_token_and_non_contiguous_inputs(backend):
     torch.testing.assert_close(out[1:], ref[1:])
 
 
-@pytest.mark.parametrize("backend", ["cpu"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_opcheck_and_compile(backend):
     skip_unless_implemented(backend, "permute")
-    ids = torch.tensor([[0, 2], [2, -1], [1, 0], [1, 1]])
+    device = device_of(backend)
+    prefix = "triton_" if backend == "triton" else ""
+    ids = torch.tensor([[0, 2], [2, -1], [1, 0], [1, 1]], device=device)
     meta = ops.routing_metadata(ids, 3, backend=backend)
-    x = torch.randn(4, 5)
-    y_sorted = torch.randn(8, 5)
-    gates = torch.rand(4, 2)
-    torch.library.opcheck(torch.ops.sm4.routing_metadata.default, (ids, 3))
+    x = torch.randn(4, 5, device=device)
+    y_sorted = torch.randn(8, 5, device=device)
+    gates = torch.rand(4, 2, device=device)
+    # The Triton unpermute also takes the offsets (its backward zeroes the padding rows with them).
+    extra = (meta.expert_offsets,) if backend == "triton" else ()
+    torch.library.opcheck(getattr(torch.ops.sm4, prefix + "routing_metadata").default, (ids, 3))
     for args in [(x, meta.assignment_row, meta.expert_offsets), (x.requires_grad_(True), meta.assignment_row, meta.expert_offsets)]:
-        torch.library.opcheck(torch.ops.sm4.permute.default, args)
-    for args in [(y_sorted, gates, meta.assignment_row), (y_sorted.requires_grad_(True), gates.requires_grad_(True), meta.assignment_row)]:
-        torch.library.opcheck(torch.ops.sm4.unpermute.default, args)
+        torch.library.opcheck(getattr(torch.ops.sm4, prefix + "permute").default, args)
+    for args in [(y_sorted, gates, meta.assignment_row, *extra),
+                 (y_sorted.requires_grad_(True), gates.requires_grad_(True), meta.assignment_row, *extra)]:
+        torch.library.opcheck(getattr(torch.ops.sm4, prefix + "unpermute").default, args)
 
     @torch.compile(fullgraph=True)
     def round_trip(x, gates, ids):
@@ -158,3 +163,6 @@ def test_opcheck_and_compile(backend):
 
     expected = ops.unpermute(ops.permute(x, meta, backend="reference") * 2, gates, meta, backend="reference")
     torch.testing.assert_close(round_trip(x, gates, ids), expected)
+    (grad,) = torch.autograd.grad(round_trip(x, gates, ids).sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(grad, expected_grad)
