@@ -168,9 +168,11 @@ CUDA = Backend.create(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     load_kernels=_compiled_kernels("CUDA"),
     availability=_cuda_availability,
-    limits={"topk_gating": {"E": 256}},  # one warp per token, at most 8 experts per lane
+    # gating: one warp per token, at most 8 experts per lane; metadata: E + 1 bin counters in
+    # 48 KiB of shared memory.
+    limits={"topk_gating": {"E": 256}, "routing_metadata": {"E": 12287}},
     # Compiled for sm_80/sm_90 by the test suite; no GPU has run them yet (see the issue notes).
-    unverified={"expert_histogram", "topk_gating"},
+    unverified={"expert_histogram", "topk_gating", "routing_metadata", "permute", "unpermute"},
 )
 TRITON = Backend.create(
     name="triton",

@@ -156,7 +156,7 @@ def routing_metadata(
     c = Checker("sm4.ops.routing_metadata")
     _check_expert_ids(c, expert_ids, num_experts)
     c.per_token_k(token_k, expert_ids.shape[1])
-    _, impl = dispatch.select("routing_metadata", (expert_ids,), backend)
+    _, impl = dispatch.select("routing_metadata", (expert_ids,), backend, {"E": num_experts})
     return impl(_mask_ranks(expert_ids, token_k), num_experts)
 
 

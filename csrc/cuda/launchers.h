@@ -53,3 +53,35 @@ cudaError_t launch_topk_gating_backward(const void* x, FloatType x_type, const f
                                         float sigma, bool renormalize, float* d_logits, cudaStream_t stream);
 
 }  // namespace sm4::cuda
+
+namespace sm4::cuda {
+
+// ---- token permutation (permutation.cu) ----
+// Assignments per block of the metadata counting sort.
+constexpr int64_t kSortBlock = 256;
+
+// Pass 1 of the metadata sort: block_counts (blocks, E + 1) int64, the count of each bin in each
+// block of kSortBlock assignments (bin E: inactive, id < 0).
+cudaError_t launch_bin_counts(const int64_t* ids, int64_t num_assignments, int64_t num_experts,
+                              int64_t* block_counts, cudaStream_t stream);
+// Pass 2: given block_start (blocks, E + 1), the first row of each (block, bin), writes
+// sorted_assignment and sorted_token (N,) and assignment_row (N,) (-1 for inactive); stable.
+cudaError_t launch_metadata_scatter(const int64_t* ids, const int64_t* block_start, int64_t num_assignments,
+                                    int64_t num_experts, int64_t k, int64_t* sorted_assignment,
+                                    int64_t* sorted_token, int64_t* assignment_row, cudaStream_t stream);
+// out[assignment_row[t, r]] = x[t] for active (t, r). x, out: (T, d) / (N, d) of `type`.
+cudaError_t launch_scatter_rows(const void* x, FloatType type, const int64_t* assignment_row, int64_t num_tokens,
+                                int64_t k, int64_t dim, void* out, cudaStream_t stream);
+// Zeroes rows [*first_padding_row, num_rows) of out (num_rows, d); the row index is read on the device.
+cudaError_t launch_zero_rows_from(void* out, FloatType type, const int64_t* first_padding_row, int64_t num_rows,
+                                  int64_t dim, cudaStream_t stream);
+// out[t] = sum over active r of (weights[t, r] or 1 if null) * src[assignment_row[t, r]], in fp32.
+cudaError_t launch_combine_rows(const void* src, FloatType type, const float* weights, const int64_t* assignment_row,
+                                int64_t num_tokens, int64_t k, int64_t dim, void* out, cudaStream_t stream);
+// grad_sorted[row(t, r)] = gates[t, r] * grad_y[t]; grad_gates[t, r] = grad_y[t] . y_sorted[row(t, r)]
+// (0 for inactive ranks). Padding rows of grad_sorted are left to launch_zero_rows_from.
+cudaError_t launch_unpermute_backward(const void* grad_y, const void* y_sorted, FloatType type, const float* gates,
+                                      const int64_t* assignment_row, int64_t num_tokens, int64_t k, int64_t dim,
+                                      void* grad_sorted, float* grad_gates, cudaStream_t stream);
+
+}  // namespace sm4::cuda
