@@ -65,9 +65,14 @@ def run(args):
     print("\nEach op on each backend that implements it, against the reference (same inputs):")
     x, router = exact_inputs[0].float().to(device), exact_inputs[1].float().to(device)
     routing = ops.topk_gating(x, router, k, backend="reference")
+    metadata = ops.routing_metadata(routing.expert_ids, experts, backend="reference")
+    x_sorted = ops.permute(x, metadata, backend="reference")
     calls = {
         "topk_gating": (lambda b: ops.topk_gating(x, router, k, backend=b).gates),
         "expert_histogram": (lambda b: ops.expert_histogram(routing.expert_ids, experts, backend=b)[1]),
+        "routing_metadata": (lambda b: ops.routing_metadata(routing.expert_ids, experts, backend=b).assignment_row),
+        "permute": (lambda b: ops.permute(x, metadata, backend=b)),
+        "unpermute": (lambda b: ops.unpermute(x_sorted, routing.gates, metadata, backend=b)),
     }
     print(f"  {'op':<18}{'backend':<11}{'max |diff|':>12}{'ms':>10}{'reference ms':>14}")
     for op, call in calls.items():
