@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sm4 import reference, routing
+from sm4 import routing
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

@@ -61,7 +61,7 @@ class Checker:
             )
         if value.dtype not in dtypes:
             self.fail(TypeError, f"{name} must have dtype in ({_dtype_names(dtypes)}), got {value.dtype}")
-        for axis, (dim, size) in enumerate(zip(dims, value.shape)):
+        for dim, size in zip(dims, value.shape):
             if re.fullmatch(r"\d+", dim):
                 if size != int(dim):
                     self.fail(ValueError, f"{name} must have shape {shape}, got {tuple(value.shape)}")

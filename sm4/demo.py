@@ -7,7 +7,6 @@ every op on every backend that implements it on this machine, against the refere
 the agreement (max |error| against float64) and the median time of each.
 """
 
-import argparse
 
 import torch
 from torch.utils import benchmark

@@ -86,22 +86,24 @@ void exp_shifted(const double* in, double shift, double* out, int64_t n) {
 
 // The first `count` entries of `order` become the experts with the largest noisy logits, by
 // (logit descending, index ascending): a strict total order, so equal logits go to the lower index.
-// For a few ranks, repeated first-maximum scans (strict >, ascending index) beat a sort.
+// For a few ranks, one pass keeps the best `count` in a small sorted list: most experts fail the
+// first comparison (against the current last place), so the pass costs about one compare each.
+// A later expert enters only if strictly greater, so equal logits keep the lower index first.
 template <typename acc_t>
-void rank_experts(const acc_t* noisy, int64_t num_experts, int64_t count, int64_t* order, acc_t* scratch) {
+void rank_experts(const acc_t* noisy, int64_t num_experts, int64_t count, int64_t* order, acc_t* best) {
   if (count <= 8) {
-    std::copy(noisy, noisy + num_experts, scratch);
-    for (int64_t r = 0; r < count; ++r) {
-      int64_t best = 0;
-      acc_t best_value = scratch[0];
-      for (int64_t e = 1; e < num_experts; ++e) {
-        if (scratch[e] > best_value) {
-          best_value = scratch[e];
-          best = e;
-        }
+    int64_t filled = 0;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      const acc_t v = noisy[e];
+      if (filled == count && !(v > best[count - 1])) continue;
+      int64_t p = filled < count ? filled++ : count - 1;
+      while (p > 0 && v > best[p - 1]) {
+        best[p] = best[p - 1];
+        order[p] = order[p - 1];
+        --p;
       }
-      order[r] = best;
-      scratch[best] = -std::numeric_limits<acc_t>::infinity();
+      best[p] = v;
+      order[p] = e;
     }
     return;
   }
@@ -111,13 +113,37 @@ void rank_experts(const acc_t* noisy, int64_t num_experts, int64_t count, int64_
   });
 }
 
+// Reductions over a token's experts with 8 independent lanes combined in a fixed order: the same
+// result on every run (unlike a compiler reassociation), and no serial chain of dependent adds.
+template <typename acc_t>
+acc_t lane_sum(const acc_t* v, int64_t n) {
+  acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] += v[i + j];
+  for (; i < n; ++i) lanes[i % 8] += v[i];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+template <typename acc_t>
+acc_t lane_max(const acc_t* v, int64_t n) {
+  acc_t lanes[8];
+  for (int j = 0; j < 8; ++j) lanes[j] = v[0];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] = v[i + j] > lanes[j] ? v[i + j] : lanes[j];
+  for (; i < n; ++i) lanes[0] = v[i] > lanes[0] ? v[i] : lanes[0];
+  acc_t m = lanes[0];
+  for (int j = 1; j < 8; ++j) m = lanes[j] > m ? lanes[j] : m;
+  return m;
+}
+
 // softmax(values) into out; also returns the max and log of the partition function relative to it.
 template <typename acc_t>
 void softmax(const acc_t* values, int64_t n, acc_t* out, acc_t& max_value, acc_t& log_partition) {
-  max_value = *std::max_element(values, values + n);
+  max_value = lane_max(values, n);
   exp_shifted(values, max_value, out, n);
-  acc_t partition = 0;
-  for (int64_t e = 0; e < n; ++e) partition += out[e];
+  const acc_t partition = lane_sum(out, n);
   const acc_t inverse = acc_t(1) / partition;
   for (int64_t e = 0; e < n; ++e) out[e] *= inverse;
   log_partition = std::log(partition);
@@ -244,6 +270,11 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
           for (int64_t e = 0; e < E; ++e)
             s.noisy[e] = noisy_routing ? clean[e] + sig * noise_ptr[t * E + e] : clean[e];
           rank_experts(s.noisy.data(), E, ranked, s.order.data(), s.extra.data());
+          // The smooth load's thresholds: the (k_t + 1)-th noisy logit for selected experts (none
+          // when k_t = E), the k_t-th for the others.
+          const acc_t threshold_selected =
+              kt < E ? s.noisy[s.order[kt]] : -std::numeric_limits<acc_t>::infinity();
+          const acc_t threshold_unselected = s.noisy[s.order[kt - 1]];
           acc_t noisy_max, noisy_log_partition;
           softmax(s.noisy.data(), E, s.probs.data(), noisy_max, noisy_log_partition);
 
@@ -267,13 +298,9 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
             q = s.extra.data();
           }
           // H = -sum q log q with log q_e = (l_e - max) - log Z: no per-expert log.
-          acc_t weighted = 0;
-          for (int64_t e = 0; e < E; ++e) weighted += q[e] * (clean[e] - clean_max);
-          entropy.data_ptr<acc_t>()[t] = clean_log_partition - weighted;
+          for (int64_t e = 0; e < E; ++e) s.noisy[e] = q[e] * (clean[e] - clean_max);  // noisy is free now
+          entropy.data_ptr<acc_t>()[t] = clean_log_partition - lane_sum(s.noisy.data(), E);
 
-          const acc_t threshold_selected =
-              kt < E ? s.noisy[s.order[kt]] : -std::numeric_limits<acc_t>::infinity();
-          const acc_t threshold_unselected = s.noisy[s.order[kt - 1]];
           for (int64_t e = 0; e < E; ++e) {
             importance[e] += q[e];
             counts[e] += s.selected[e];
