@@ -17,7 +17,7 @@ TRITON_PIN ?= triton==3.9.0
 TOOLS := setuptools wheel ninja numpy tqdm pytest pytest-benchmark
 PYTEST_FLAGS ?=
 
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
 .PHONY: demo test test-fast bench env clean
 

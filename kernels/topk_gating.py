@@ -54,6 +54,38 @@ def _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, 
 
 
 @triton.jit
+def _token_logits(x_ptr, w_ptr, noise_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask, sigma,
+                  HAS_NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                  D_BLOCKS: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr):
+    """Clean and noisy logits (padded experts -inf) and the tokens to route (in batch, finite).
+
+    A non-finite token's logits are replaced by zeros (as if all equal), as the reference does.
+    """
+    clean, finite = _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
+                                   BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS, LOW_PRECISION_DOT)
+    finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(clean) < float("inf"), 1).to(tl.int32), axis=1) > 0)
+    good = token_mask & finite
+    clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
+    if HAS_NOISE:
+        eps = tl.load(noise_ptr + tokens[:, None] * num_experts + experts[None, :], mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
+        noisy = clean + sigma * eps.to(tl.float32)
+    else:
+        noisy = clean
+    clean = tl.where(expert_mask[None, :], clean, float("-inf"))
+    noisy = tl.where(expert_mask[None, :], noisy, float("-inf"))
+    return clean, noisy, finite, good
+
+
+@triton.jit
+def _softmax_rows(logits):
+    """Row softmax of (BLOCK_T, BLOCK_E) logits; also the row max and partition function."""
+    row_max = tl.max(logits, axis=1)
+    numerators = tl.exp(logits - row_max[:, None])
+    partition = tl.sum(numerators, axis=1)
+    return numerators / partition[:, None], row_max, partition
+
+
+@triton.jit
 def _gating_forward_kernel(
     x_ptr, w_ptr, noise_ptr, token_k_ptr,
     ids_ptr, gates_ptr, entropy_ptr, runner_ptr,
@@ -71,28 +103,16 @@ def _gating_forward_kernel(
     expert_mask = experts < num_experts
     ranks = tl.arange(0, K_PAD)
 
-    clean, finite = _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
-                                   BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS, LOW_PRECISION_DOT)
-    finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(clean) < float("inf"), 1).to(tl.int32), axis=1) > 0)
-    good = token_mask & finite
-    clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
-    if HAS_NOISE:
-        eps = tl.load(noise_ptr + tokens[:, None] * num_experts + experts[None, :], mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
-        noisy = clean + sigma * eps.to(tl.float32)
-    else:
-        noisy = clean
-    clean = tl.where(expert_mask[None, :], clean, float("-inf"))
-    noisy = tl.where(expert_mask[None, :], noisy, float("-inf"))
+    clean, noisy, finite, good = _token_logits(x_ptr, w_ptr, noise_ptr, tokens, token_mask, dim, num_experts, experts,
+                                               expert_mask, sigma, HAS_NOISE, BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS,
+                                               LOW_PRECISION_DOT)
     if HAS_TOKEN_K:
         kt = tl.load(token_k_ptr + tokens, mask=token_mask, other=1).to(tl.int32)
         kt = tl.minimum(tl.maximum(kt, 1), K)
     else:
         kt = tl.full((BLOCK_T,), K, tl.int32)
 
-    noisy_max = tl.max(noisy, axis=1)
-    numerators = tl.exp(noisy - noisy_max[:, None])
-    partition = tl.sum(numerators, axis=1)
-    probs = numerators / partition[:, None]
+    probs, noisy_max, partition = _softmax_rows(noisy)
 
     # Top-k by rounds of argmax (ties to the lower index); one more round finds the runner-up.
     remaining = noisy
@@ -121,10 +141,7 @@ def _gating_forward_kernel(
 
     # Clean softmax: importance and entropy.
     if HAS_NOISE:
-        clean_max = tl.max(clean, axis=1)
-        clean_numerators = tl.exp(clean - clean_max[:, None])
-        clean_partition = tl.sum(clean_numerators, axis=1)
-        q = clean_numerators / clean_partition[:, None]
+        q, clean_max, clean_partition = _softmax_rows(clean)
     else:
         clean_max, clean_partition, q = noisy_max, partition, probs
     spread = tl.where(expert_mask[None, :], q * (clean - clean_max[:, None]), 0.0)
@@ -172,20 +189,10 @@ def _gating_backward_kernel(
     experts = tl.arange(0, BLOCK_E).to(tl.int64)
     expert_mask = experts < num_experts
 
-    clean, finite = _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
-                                   BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS, LOW_PRECISION_DOT)
-    finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(clean) < float("inf"), 1).to(tl.int32), axis=1) > 0)
-    good = token_mask & finite
-    clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
-    if HAS_NOISE:
-        eps = tl.load(noise_ptr + tokens[:, None] * num_experts + experts[None, :], mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
-        noisy = clean + sigma * eps.to(tl.float32)
-    else:
-        noisy = clean
-    clean = tl.where(expert_mask[None, :], clean, float("-inf"))
-    noisy = tl.where(expert_mask[None, :], noisy, float("-inf"))
-    numerators = tl.exp(noisy - tl.max(noisy, axis=1)[:, None])
-    probs = numerators / tl.sum(numerators, axis=1)[:, None]
+    clean, noisy, finite, good = _token_logits(x_ptr, w_ptr, noise_ptr, tokens, token_mask, dim, num_experts, experts,
+                                               expert_mask, sigma, HAS_NOISE, BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS,
+                                               LOW_PRECISION_DOT)
+    probs, _, _ = _softmax_rows(noisy)
 
     # Gates -> probabilities (through the optional renormalisation).
     d_probs = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
@@ -213,8 +220,7 @@ def _gating_backward_kernel(
     # Importance: the clean softmax.
     d_importance = tl.load(d_importance_ptr + experts, mask=expert_mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
-        clean_numerators = tl.exp(clean - tl.max(clean, axis=1)[:, None])
-        q = clean_numerators / tl.sum(clean_numerators, axis=1)[:, None]
+        q, _, _ = _softmax_rows(clean)
     else:
         q = probs
     d_logits += q * (d_importance[None, :] - tl.sum(q * d_importance[None, :], axis=1)[:, None])

@@ -31,3 +31,22 @@ def expert_params(experts, d_in, d_out, dtype=torch.float64, seed=1, bias=True):
     weight = (torch.randn(experts, d_in, d_out, generator=g, dtype=torch.float64) / d_in**0.5).to(dtype)
     b = torch.randn(experts, d_out, generator=g, dtype=torch.float64).to(dtype) if bias else None
     return weight, b
+
+
+def kernel_device(backend: str) -> str:
+    """The device a kernel backend's tests run on: cuda for cuda, and for triton when a GPU exists
+    (otherwise Triton runs on CPU tensors through its interpreter)."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def skip_unless_runs(backend: str, op: str | None = None):
+    """Skip (with the reason) when the backend is unavailable here or has no kernel for op yet."""
+    import pytest
+
+    from sm4 import backends
+
+    impl = backends.BACKENDS[backend]
+    if impl.unavailable_reason:
+        pytest.skip(f"{backend} backend unavailable here: {impl.unavailable_reason}")
+    if op is not None and op not in impl.kernels:
+        pytest.skip(f"{backend} has no {op} kernel yet")

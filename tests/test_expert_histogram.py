@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import sm4
-from sm4 import backends, ops, reference
+from sm4 import ops, reference
+
+from .helpers import kernel_device, skip_unless_runs
 
 KERNEL_BACKENDS = [
     pytest.param("cpu", id="cpu"),
@@ -14,14 +16,6 @@ KERNEL_BACKENDS = [
 ]
 
 
-def device_for(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def skip_unless_available(backend):
-    reason = backends.BACKENDS[backend].unavailable_reason
-    if reason:
-        pytest.skip(f"{backend} backend unavailable here: {reason}")
 
 
 def random_ids(tokens, k, experts, seed=0, dtype=torch.int64):
@@ -48,9 +42,9 @@ CASES = {
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, case):
-    skip_unless_available(backend)
+    skip_unless_runs(backend)
     ids, experts = CASES[case]
-    ids = ids.to(device_for(backend))
+    ids = ids.to(kernel_device(backend))
     counts, offsets = ops.expert_histogram(ids, experts, backend=backend)
     want_counts, want_offsets = reference.expert_histogram(ids, experts)
     assert counts.dtype == offsets.dtype == torch.int64
@@ -78,10 +72,10 @@ def test_extension_registers_its_ops():
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend):
-    skip_unless_available(backend)
+    skip_unless_runs(backend)
     op = torch.ops.sm4.triton_expert_histogram.default if backend == "triton" else torch.ops.sm4.expert_histogram.default
     for ids, experts in (CASES["E prime, T not a block multiple"], CASES["T=0"], CASES["int32 ids"]):
-        torch.library.opcheck(op, (ids.to(device_for(backend)), experts))
+        torch.library.opcheck(op, (ids.to(kernel_device(backend)), experts))
 
 
 def test_fake_kernel_shapes_under_fake_tensors():

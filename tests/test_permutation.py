@@ -8,23 +8,13 @@ the float64 reference on the same (rounded) inputs.
 import pytest
 import torch
 
-from sm4 import backends, ops
+from sm4 import ops
 
-from .helpers import FLOAT_DTYPES, TOLERANCES
+from .helpers import FLOAT_DTYPES, TOLERANCES, kernel_device, skip_unless_runs
 
 BACKENDS = ["cpu", "triton", "cuda"]
 
 
-def device_of(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def skip_unless_implemented(backend, op):
-    impl = backends.BACKENDS[backend]
-    if impl.unavailable_reason:
-        pytest.skip(f"{backend} backend unavailable here: {impl.unavailable_reason}")
-    if op not in impl.kernels:
-        pytest.skip(f"{backend} has no {op} kernel yet (issue #4 continues)")
 
 
 def ids_case(name):
@@ -49,9 +39,9 @@ CASES = ["random with inactive ranks", "every token to one expert, others empty"
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_metadata_equals_reference(backend, case):
-    skip_unless_implemented(backend, "routing_metadata")
+    skip_unless_runs(backend, "routing_metadata")
     ids, experts = ids_case(case)
-    got = ops.routing_metadata(ids.to(device_of(backend)), experts, backend=backend)
+    got = ops.routing_metadata(ids.to(kernel_device(backend)), experts, backend=backend)
     want = ops.routing_metadata(ids, experts, backend="reference")
     for field, a, b in zip(want._fields, got, want):
         assert a.dtype == torch.int64, field
@@ -60,10 +50,10 @@ def test_metadata_equals_reference(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_metadata_with_per_token_k(backend):
-    skip_unless_implemented(backend, "routing_metadata")
+    skip_unless_runs(backend, "routing_metadata")
     ids = torch.randint(0, 6, (30, 3), generator=torch.Generator().manual_seed(1))
     token_k = torch.randint(1, 4, (30,), generator=torch.Generator().manual_seed(2))
-    got = ops.routing_metadata(ids.to(device_of(backend)), 6, token_k=token_k.to(device_of(backend)), backend=backend)
+    got = ops.routing_metadata(ids.to(kernel_device(backend)), 6, token_k=token_k.to(kernel_device(backend)), backend=backend)
     want = ops.routing_metadata(ids, 6, token_k=token_k, backend="reference")
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
     assert int(got.expert_offsets[-1]) == int(token_k.sum())
@@ -74,7 +64,7 @@ def test_metadata_with_per_token_k(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_permute_unpermute_forward_and_backward(backend, case, dtype):
     for op in ("permute", "unpermute"):
-        skip_unless_implemented(backend, op)
+        skip_unless_runs(backend, op)
     ids, experts = ids_case(case)
     tokens, k = ids.shape
     dim = 37  # not a multiple of any block size
@@ -83,7 +73,7 @@ def test_permute_unpermute_forward_and_backward(backend, case, dtype):
     gates = torch.rand(tokens, k, generator=g)
     y_sorted = torch.randn(tokens * k, dim, generator=g).to(dtype)
     meta = ops.routing_metadata(ids, experts, backend="reference")
-    device = device_of(backend)
+    device = kernel_device(backend)
     dmeta = type(meta)(*(t.to(device) for t in meta))
 
     xk = x.to(device, copy=True).requires_grad_(True)
@@ -110,7 +100,7 @@ def test_permute_unpermute_forward_and_backward(backend, case, dtype):
 
 
 def test_cpu_gradcheck_float64():
-    skip_unless_implemented("cpu", "permute")
+    skip_unless_runs("cpu", "permute")
     ids = torch.tensor([[0, 2], [2, -1], [1, 0], [-1, -1], [2, 1]])
     meta = ops.routing_metadata(ids, 3, backend="cpu")
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -122,10 +112,10 @@ def test_cpu_gradcheck_float64():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_row_stays_in_its_token_and_non_contiguous_inputs(backend):
-    skip_unless_implemented(backend, "unpermute")
+    skip_unless_runs(backend, "unpermute")
     ids = torch.tensor([[0, 1], [1, -1], [0, 2]])
     meta = ops.routing_metadata(ids, 3, backend="reference")
-    device = device_of(backend)
+    device = kernel_device(backend)
     dmeta = type(meta)(*(t.to(device) for t in meta))
     y_sorted = torch.randn(6, 8)[:, ::2]  # non-contiguous (6, 4)
     assert not y_sorted.is_contiguous()
@@ -139,8 +129,8 @@ def test_nan_row_stays_in_its_token_and_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_opcheck_and_compile(backend):
-    skip_unless_implemented(backend, "permute")
-    device = device_of(backend)
+    skip_unless_runs(backend, "permute")
+    device = kernel_device(backend)
     prefix = "triton_" if backend == "triton" else ""
     ids = torch.tensor([[0, 2], [2, -1], [1, 0], [1, 1]], device=device)
     meta = ops.routing_metadata(ids, 3, backend=backend)

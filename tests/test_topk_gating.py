@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from sm4 import backends, ops
+from sm4 import ops
 
-from .helpers import TOLERANCES
+from .helpers import TOLERANCES, kernel_device, skip_unless_runs
 
 BACKENDS = ["cpu", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -23,14 +23,6 @@ ROUTING_FIELDS = ("gates", "entropy", "importance", "load", "importance_loss", "
 ROUTING_TOL = dict(atol=2e-5, rtol=2e-4)
 
 
-def device_of(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def skip_unavailable(backend):
-    reason = backends.BACKENDS[backend].unavailable_reason
-    if reason:
-        pytest.skip(f"{backend} backend unavailable here: {reason}")
 
 
 def make_inputs(tokens, dim, experts, dtype, seed=0, weight_dtype=None, scale=1.0):
@@ -41,7 +33,7 @@ def make_inputs(tokens, dim, experts, dtype, seed=0, weight_dtype=None, scale=1.
 
 
 def run(backend, x, w, k, **kwargs):
-    device = device_of(backend)
+    device = kernel_device(backend)
     kwargs = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in kwargs.items()}
     return ops.topk_gating(x.to(device), w.to(device), k, backend=backend, **kwargs)
 
@@ -83,7 +75,7 @@ CONFIGS = [
 @pytest.mark.parametrize("name,config", CONFIGS, ids=[c[0] for c in CONFIGS])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_and_gradients_match_reference(backend, name, config, dtype):
-    skip_unavailable(backend)
+    skip_unless_runs(backend)
     tokens, dim, experts, k, per_token_k, training, renormalize = config
     x, w = make_inputs(tokens, dim, experts, dtype)
     kwargs = dict(training=training, renormalize=renormalize, noise_std=1.0)
@@ -93,7 +85,7 @@ def test_forward_and_gradients_match_reference(backend, name, config, dtype):
         kwargs["noise"] = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(2))
     ref_x, ref_w = x.double().requires_grad_(True), w.double().requires_grad_(True)
     ref = reference(ref_x, ref_w, k, **kwargs)
-    xk, wk = x.clone().to(device_of(backend)).requires_grad_(True), w.clone().to(device_of(backend)).requires_grad_(True)
+    xk, wk = x.clone().to(kernel_device(backend)).requires_grad_(True), w.clone().to(kernel_device(backend)).requires_grad_(True)
     out = ops.topk_gating(xk, wk, k, backend=backend, **{key: (v.to(xk.device) if isinstance(v, torch.Tensor) else v) for key, v in kwargs.items()})
     assert_routing_equal(out, ref, f"{backend} {name} {dtype}")
     loss_of(ref).backward()
@@ -106,9 +98,9 @@ def test_forward_and_gradients_match_reference(backend, name, config, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generator_noise_matches_reference_exactly_in_training(backend):
-    skip_unavailable(backend)
+    skip_unless_runs(backend)
     x, w = make_inputs(40, 16, 8, torch.float32)
-    device = device_of(backend)
+    device = kernel_device(backend)
     out = ops.topk_gating(x.to(device), w.to(device), 2, training=True, backend=backend,
                           generator=torch.Generator(device=device).manual_seed(5))
     ref = ops.topk_gating(x.to(device), w.to(device), 2, training=True, backend="reference",
@@ -119,14 +111,14 @@ def test_generator_noise_matches_reference_exactly_in_training(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_router_weight_in_fp32_with_bf16_tokens(backend):
-    skip_unavailable(backend)
+    skip_unless_runs(backend)
     x, w = make_inputs(33, 32, 12, torch.bfloat16, weight_dtype=torch.float32)
     assert_routing_equal(run(backend, x, w, 2), reference(x, w, 2), "bf16 x, fp32 W")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_named_edge_cases(backend):
-    skip_unavailable(backend)
+    skip_unless_runs(backend)
     # T = 0
     x, w = make_inputs(0, 8, 5, torch.float32)
     out = run(backend, x, w, 2, training=True)
@@ -161,12 +153,12 @@ def test_named_edge_cases(backend):
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_token_among_good_ones(backend, bad):
-    skip_unavailable(backend)
+    skip_unless_runs(backend)
     x, w = make_inputs(24, 16, 9, torch.float32)
     x[5, 3] = bad
     noise = torch.randn(24, 9, generator=torch.Generator().manual_seed(0))
-    xk = x.to(device_of(backend)).requires_grad_(True)
-    wk = w.to(device_of(backend)).requires_grad_(True)
+    xk = x.to(kernel_device(backend)).requires_grad_(True)
+    wk = w.to(kernel_device(backend)).requires_grad_(True)
     out = ops.topk_gating(xk, wk, 3, training=True, noise=noise.to(xk.device), backend=backend)
     ref = reference(x, w, 3, training=True, noise=noise)
     assert_routing_equal(out, ref, "nan token")
@@ -176,7 +168,7 @@ def test_non_finite_token_among_good_ones(backend, bad):
 
 
 def test_cpu_kernel_gradcheck_float64():
-    skip_unavailable("cpu")
+    skip_unless_runs("cpu")
     x, w = make_inputs(9, 6, 5, torch.float64)
     noise = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     token_k = torch.tensor([1, 2, 3, 3, 2, 1, 2, 3, 1])
@@ -198,8 +190,8 @@ OPS = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    skip_unavailable(backend)
-    device = device_of(backend)
+    skip_unless_runs(backend)
+    device = kernel_device(backend)
     forward = getattr(torch.ops.sm4, OPS[backend][0]).default
     backward = getattr(torch.ops.sm4, OPS[backend][1]).default
     x, w = make_inputs(21, 8, 6, torch.float32)
@@ -215,7 +207,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_torch_compile_fullgraph(backend):
-    skip_unavailable(backend)
+    skip_unless_runs(backend)
     x, w = make_inputs(32, 16, 8, torch.float32)
     w.requires_grad_(True)
     noise = torch.randn(32, 8)
@@ -234,7 +226,7 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_auto_dispatch_uses_the_cpu_kernel():
-    skip_unavailable("cpu")
+    skip_unless_runs("cpu")
     from sm4 import dispatch
 
     assert dispatch.select("topk_gating", [torch.zeros(2, 2)])[0] == "cpu"

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <atomic>
 #include <vector>
 
@@ -45,11 +47,7 @@ void count_assignments(const index_t* ids, int64_t num_assignments, int64_t num_
 
 std::tuple<at::Tensor, at::Tensor> expert_histogram_cpu(const at::Tensor& expert_ids,
                                                         int64_t num_experts) {
-  TORCH_CHECK(expert_ids.dim() == 2, "sm4.expert_histogram: expert_ids must be (T, k_max), got ",
-              expert_ids.dim(), " dims");
-  TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt,
-              "sm4.expert_histogram: expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
-  TORCH_CHECK(num_experts >= 1, "sm4.expert_histogram: num_experts must be >= 1, got ", num_experts);
+  check_expert_ids(expert_ids, num_experts, "sm4.expert_histogram");
   const at::Tensor ids = expert_ids.contiguous();
   at::Tensor counts = at::empty({num_experts}, expert_ids.options().dtype(at::kLong));
   at::Tensor offsets = at::empty({num_experts + 1}, expert_ids.options().dtype(at::kLong));

@@ -12,6 +12,8 @@
 
 #include <vector>
 
+#include "../checks.h"
+
 namespace sm4 {
 namespace {
 
@@ -20,10 +22,7 @@ constexpr int64_t kSortBlock = 16384;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_metadata_cpu(
     const at::Tensor& expert_ids, int64_t num_experts) {
-  TORCH_CHECK(expert_ids.dim() == 2, "sm4.routing_metadata: expert_ids must be (T, k), got ", expert_ids.dim(), " dims");
-  TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt,
-              "sm4.routing_metadata: expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
-  TORCH_CHECK(num_experts >= 1, "sm4.routing_metadata: num_experts must be >= 1, got ", num_experts);
+  check_expert_ids(expert_ids, num_experts, "sm4.routing_metadata");
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
   const int64_t tokens = ids.size(0), k = ids.size(1), n = ids.numel();
   const int64_t bins = num_experts + 1;  // bin E: inactive assignments (padding rows)

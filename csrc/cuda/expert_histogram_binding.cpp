@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+#include "binding_utils.h"
 #include "launchers.h"
 
 namespace sm4 {
@@ -13,11 +15,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> expert_histogram_cuda(const at::Tensor& expert_ids,
                                                          int64_t num_experts) {
-  TORCH_CHECK(expert_ids.dim() == 2, "sm4.expert_histogram: expert_ids must be (T, k_max), got ",
-              expert_ids.dim(), " dims");
-  TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt,
-              "sm4.expert_histogram: expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
-  TORCH_CHECK(num_experts >= 1, "sm4.expert_histogram: num_experts must be >= 1, got ", num_experts);
+  check_expert_ids(expert_ids, num_experts, "sm4.expert_histogram");
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   const at::Tensor ids = expert_ids.contiguous();
   at::Tensor counts = at::empty({num_experts}, ids.options().dtype(at::kLong));
@@ -25,9 +23,8 @@ std::tuple<at::Tensor, at::Tensor> expert_histogram_cuda(const at::Tensor& exper
   const cudaError_t status = cuda::launch_expert_histogram(
       ids.data_ptr(), ids.scalar_type() == at::kLong, ids.numel(), num_experts,
       counts.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-      c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == cudaSuccess, "sm4.expert_histogram: CUDA launch failed: ",
-              cudaGetErrorString(status));
+      current_stream());
+  check_launch(status, "sm4.expert_histogram");
   return {counts, offsets};
 }
 

@@ -6,30 +6,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+#include "binding_utils.h"
 #include "launchers.h"
 
 namespace sm4 {
 namespace {
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-void check(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
-
-cuda::FloatType row_type(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::FloatType::kFloat32;
-    case at::kHalf: return cuda::FloatType::kFloat16;
-    case at::kBFloat16: return cuda::FloatType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": the CUDA kernels take fp32, fp16 or bf16 rows, got ", t.scalar_type());
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_metadata_cuda(const at::Tensor& expert_ids,
                                                                                           int64_t num_experts) {
   const char* op = "sm4.routing_metadata";
-  TORCH_CHECK(expert_ids.dim() == 2, op, ": expert_ids must be (T, k)");
+  check_expert_ids(expert_ids, num_experts, op);
   TORCH_CHECK(num_experts >= 1 && num_experts < 12 * 1024, op, ": the CUDA sort takes 1 <= E < 12288, got ", num_experts);
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
@@ -37,15 +24,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_m
   const int64_t blocks = std::max<int64_t>((n + cuda::kSortBlock - 1) / cuda::kSortBlock, 1);
   const auto options = ids.options();
   at::Tensor block_counts = at::zeros({blocks, bins}, options);
-  check(cuda::launch_bin_counts(ids.data_ptr<int64_t>(), n, num_experts, block_counts.data_ptr<int64_t>(), stream()), op);
+  check_launch(cuda::launch_bin_counts(ids.data_ptr<int64_t>(), n, num_experts, block_counts.data_ptr<int64_t>(), current_stream()), op);
   const at::Tensor bin_totals = block_counts.sum(0);
   const at::Tensor bin_base = bin_totals.cumsum(0) - bin_totals;
   const at::Tensor block_start = (bin_base.unsqueeze(0) + block_counts.cumsum(0) - block_counts).contiguous();
   at::Tensor sorted_assignment = at::empty({n}, options), sorted_token = at::empty({n}, options);
   at::Tensor assignment_row = at::empty({tokens, k}, options);
-  check(cuda::launch_metadata_scatter(ids.data_ptr<int64_t>(), block_start.data_ptr<int64_t>(), n, num_experts, k,
+  check_launch(cuda::launch_metadata_scatter(ids.data_ptr<int64_t>(), block_start.data_ptr<int64_t>(), n, num_experts, k,
                                       sorted_assignment.data_ptr<int64_t>(), sorted_token.data_ptr<int64_t>(),
-                                      assignment_row.data_ptr<int64_t>(), stream()),
+                                      assignment_row.data_ptr<int64_t>(), current_stream()),
         op);
   return {bin_totals.narrow(0, 0, num_experts).clone(), bin_base.narrow(0, 0, num_experts + 1).clone(), sorted_assignment,
           sorted_token, assignment_row};
@@ -57,11 +44,11 @@ at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& assignment_row, c
   const at::Tensor xc = x.contiguous(), rows = assignment_row.contiguous(), offsets = expert_offsets.contiguous();
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = x.size(1);
   at::Tensor out = at::empty({tokens * k, dim}, x.options());
-  check(cuda::launch_scatter_rows(xc.data_ptr(), row_type(x, op), rows.data_ptr<int64_t>(), tokens, k, dim, out.data_ptr(),
-                                  stream()),
+  check_launch(cuda::launch_scatter_rows(xc.data_ptr(), float_type(x, op), rows.data_ptr<int64_t>(), tokens, k, dim, out.data_ptr(),
+                                  current_stream()),
         op);
-  check(cuda::launch_zero_rows_from(out.data_ptr(), row_type(x, op), offsets.data_ptr<int64_t>() + offsets.numel() - 1,
-                                    tokens * k, dim, stream()),
+  check_launch(cuda::launch_zero_rows_from(out.data_ptr(), float_type(x, op), offsets.data_ptr<int64_t>() + offsets.numel() - 1,
+                                    tokens * k, dim, current_stream()),
         op);
   return out;
 }
@@ -72,8 +59,8 @@ at::Tensor combine(const at::Tensor& src_rows, const at::Tensor* weights, const 
   const at::Tensor w = weights ? weights->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = src.size(1);
   at::Tensor out = at::empty({tokens, dim}, src.options());
-  check(cuda::launch_combine_rows(src.data_ptr(), row_type(src, op), weights ? w.data_ptr<float>() : nullptr,
-                                  rows.data_ptr<int64_t>(), tokens, k, dim, out.data_ptr(), stream()),
+  check_launch(cuda::launch_combine_rows(src.data_ptr(), float_type(src, op), weights ? w.data_ptr<float>() : nullptr,
+                                  rows.data_ptr<int64_t>(), tokens, k, dim, out.data_ptr(), current_stream()),
         op);
   return out;
 }
@@ -95,14 +82,14 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = y.size(1);
   at::Tensor grad_sorted = at::empty_like(y);
   at::Tensor grad_gates = at::empty({tokens, k}, g.options());
-  check(cuda::launch_unpermute_backward(gy.data_ptr(), y.data_ptr(), row_type(y, op), g.data_ptr<float>(),
+  check_launch(cuda::launch_unpermute_backward(gy.data_ptr(), y.data_ptr(), float_type(y, op), g.data_ptr<float>(),
                                         rows.data_ptr<int64_t>(), tokens, k, dim, grad_sorted.data_ptr(),
-                                        grad_gates.data_ptr<float>(), stream()),
+                                        grad_gates.data_ptr<float>(), current_stream()),
         op);
   // Rows from A on were not written: zero them, with A counted on the device (no host sync).
   const at::Tensor active = (rows >= 0).sum().to(at::kLong);
-  check(cuda::launch_zero_rows_from(grad_sorted.data_ptr(), row_type(y, op), active.data_ptr<int64_t>(), y.size(0), dim,
-                                    stream()),
+  check_launch(cuda::launch_zero_rows_from(grad_sorted.data_ptr(), float_type(y, op), active.data_ptr<int64_t>(), y.size(0), dim,
+                                    current_stream()),
         op);
   return {grad_sorted, grad_gates.to(gates.scalar_type())};
 }

@@ -70,6 +70,26 @@ __device__ __forceinline__ float owner_value(const float (&values)[EPT], int exp
   return __shfl_sync(kFullMask, mine, expert % kWarpSize);
 }
 
+// Softmax over the warp's experts (lane slot j = expert lane + 32 j; padded slots hold -inf):
+// probabilities into out, and the max and partition function, identical on every lane.
+template <int EPT>
+__device__ __forceinline__ void warp_softmax(const float (&logits)[EPT], float (&out)[EPT], float& max_value,
+                                             float& partition) {
+  float local_max = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < EPT; ++j) local_max = fmaxf(local_max, logits[j]);
+  max_value = warp_max(local_max);
+  float local_sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < EPT; ++j) {
+    out[j] = __expf(logits[j] - max_value);
+    local_sum += out[j];
+  }
+  partition = warp_sum(local_sum);
+#pragma unroll
+  for (int j = 0; j < EPT; ++j) out[j] /= partition;
+}
+
 __device__ __forceinline__ float normal_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
 __device__ __forceinline__ float normal_pdf(float z) { return 0.39894228040143268f * __expf(-0.5f * z * z); }
 
@@ -186,19 +206,8 @@ __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
       load[j] = 0.f;
     }
   } else if (in_batch) {
-    float local_max = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) local_max = fmaxf(local_max, noisy[j]);
-    const float noisy_max = warp_max(local_max);
-    float local_sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) {
-      probs[j] = __expf(noisy[j] - noisy_max);
-      local_sum += probs[j];
-    }
-    const float noisy_partition = warp_sum(local_sum);
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) probs[j] /= noisy_partition;
+    float noisy_max, noisy_partition;
+    warp_softmax(noisy, probs, noisy_max, noisy_partition);
 
     // Rounds of warp argmax: ranks 0..kt-1 are the selection, rank kt the runner-up.
     const int64_t ranked = min(K + 1, E);
@@ -245,19 +254,7 @@ __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
     // Clean softmax: importance and entropy (H = log Z - sum q (l - max), no per-expert log).
     float clean_max = noisy_max, clean_partition = noisy_partition;
     if (has_noise) {
-      local_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < EPT; ++j) local_max = fmaxf(local_max, clean[j]);
-      clean_max = warp_max(local_max);
-      local_sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < EPT; ++j) {
-        q[j] = __expf(clean[j] - clean_max);
-        local_sum += q[j];
-      }
-      clean_partition = warp_sum(local_sum);
-#pragma unroll
-      for (int j = 0; j < EPT; ++j) q[j] /= clean_partition;
+      warp_softmax(clean, q, clean_max, clean_partition);
     } else {
 #pragma unroll
       for (int j = 0; j < EPT; ++j) q[j] = probs[j];
@@ -337,19 +334,8 @@ __global__ void __launch_bounds__(kThreads, 2) gating_backward_kernel(
     clean[j] = valid ? clean[j] : -INFINITY;
     d_probs[j] = 0.f;
   }
-  float local_max = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < EPT; ++j) local_max = fmaxf(local_max, noisy[j]);
-  const float noisy_max = warp_max(local_max);
-  float local_sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < EPT; ++j) {
-    probs[j] = __expf(noisy[j] - noisy_max);
-    local_sum += probs[j];
-  }
-  const float partition = warp_sum(local_sum);
-#pragma unroll
-  for (int j = 0; j < EPT; ++j) probs[j] /= partition;
+  float unused_max, unused_partition;
+  warp_softmax(noisy, probs, unused_max, unused_partition);
 
   // Gates -> probabilities. The active ranks come first; -1 marks the inactive ones.
   unsigned selected = 0;
@@ -388,19 +374,7 @@ __global__ void __launch_bounds__(kThreads, 2) gating_backward_kernel(
   // Importance: the clean softmax.
   float q[EPT];
   if (has_noise) {
-    local_max = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) local_max = fmaxf(local_max, clean[j]);
-    const float clean_max = warp_max(local_max);
-    local_sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) {
-      q[j] = __expf(clean[j] - clean_max);
-      local_sum += q[j];
-    }
-    const float clean_partition = warp_sum(local_sum);
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) q[j] /= clean_partition;
+    warp_softmax(clean, q, unused_max, unused_partition);
   } else {
 #pragma unroll
     for (int j = 0; j < EPT; ++j) q[j] = probs[j];

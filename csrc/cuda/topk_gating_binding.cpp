@@ -7,19 +7,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "binding_utils.h"
 #include "launchers.h"
 
 namespace sm4 {
 namespace {
-
-cuda::FloatType float_type(const at::Tensor& x, const char* op) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return cuda::FloatType::kFloat32;
-    case at::kHalf: return cuda::FloatType::kFloat16;
-    case at::kBFloat16: return cuda::FloatType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": the CUDA kernels take fp32, fp16 or bf16 x, got ", x.scalar_type());
-  }
-}
 
 void check_gating(const at::Tensor& x, const at::Tensor& router_weight, int64_t k, const char* op) {
   TORCH_CHECK(x.is_cuda() && router_weight.is_cuda(), op, ": x and router_weight must be CUDA tensors");
@@ -38,10 +30,6 @@ at::Tensor prepared_noise(const std::optional<at::Tensor>& noise, const at::Tens
   TORCH_CHECK(noise.has_value() && noise->dim() == 2 && noise->size(0) == x.size(0) && noise->size(1) == experts,
               op, ": sigma > 0 needs a (T, E) noise tensor");
   return noise->to(at::kFloat).contiguous();
-}
-
-void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -72,7 +60,7 @@ topk_gating_forward_cuda(const at::Tensor& x, const at::Tensor& router_weight, c
                    static_cast<float>(sigma), renormalize, ids.data_ptr<int64_t>(), gates.data_ptr<float>(),
                    entropy.data_ptr<float>(), runner_up.data_ptr<int64_t>(), block_importance.data_ptr<float>(),
                    block_load.data_ptr<float>(), block_counts.data_ptr<int64_t>(),
-                   c10::cuda::getCurrentCUDAStream().stream()),
+                   current_stream()),
                op);
   // torch's sums over the block axis are deterministic (no atomics).
   return {gates, ids, entropy, block_importance.sum(0), block_load.sum(0), block_counts.sum(0), runner_up};
@@ -99,7 +87,7 @@ at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_gates, const at::Ten
                    eps.defined() ? eps.data_ptr<float>() : nullptr, ids.data_ptr<int64_t>(),
                    runners.data_ptr<int64_t>(), dg.data_ptr<float>(), di.data_ptr<float>(), dl.data_ptr<float>(), T,
                    x.size(1), E, k, static_cast<float>(sigma), renormalize, d_logits.data_ptr<float>(),
-                   c10::cuda::getCurrentCUDAStream().stream()),
+                   current_stream()),
                op);
   return d_logits;
 }

@@ -1,0 +1,16 @@
+// Argument checks shared by the CPU kernels and the CUDA bindings (the Python API checks first
+// and more thoroughly; these guard direct calls of torch.ops.sm4.*).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace sm4 {
+
+inline void check_expert_ids(const at::Tensor& expert_ids, int64_t num_experts, const char* op) {
+  TORCH_CHECK(expert_ids.dim() == 2, op, ": expert_ids must be (T, k_max), got ", expert_ids.dim(), " dims");
+  TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt, op,
+              ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+}
+
+}  // namespace sm4
