@@ -156,3 +156,34 @@ def test_opcheck_and_compile(backend):
     (grad,) = torch.autograd.grad(round_trip(x, gates, ids).sum(), x)
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def _available_gib():
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
+@pytest.mark.skipif(_available_gib() < 14, reason="needs ~10 GiB of free memory for > 2^31-element tensors")
+def test_cpu_offsets_past_two_to_the_31():
+    """Rows whose element offset row * d exceeds 2^31 (the int32 overflow MoE kernels have shipped):
+    T = 1025 tokens, k = 2, d = 2^20, fp16, so rows 2048.. start past element 2^31."""
+    skip_unless_runs("cpu", "permute")
+    tokens, k, dim = 1025, 2, 2**20
+    ids = torch.zeros(tokens, k, dtype=torch.long)
+    ids[:, 1] = 1
+    meta = ops.routing_metadata(ids, 2, backend="cpu")
+    x = torch.arange(tokens, dtype=torch.float16)[:, None].expand(tokens, dim).contiguous()  # row t holds t
+    x_sorted = ops.permute(x, meta, backend="cpu")
+    assert x_sorted.shape[0] * dim > 2**31
+    for row in (2048, 2049, 2 * tokens - 1):  # expert 1's rows, all past element 2^31
+        token = int(meta.sorted_token[row])
+        assert row * dim >= 2**31 and x_sorted[row, ::65536].eq(token).all() and x_sorted[row, -1] == token
+    del x
+    gates = torch.full((tokens, k), 0.5)
+    y = ops.unpermute(x_sorted, gates, meta, backend="cpu")  # 0.5 t + 0.5 t = t
+    for token in (0, 1023, 1024):
+        assert y[token, ::65536].eq(token).all() and y[token, -1] == token
