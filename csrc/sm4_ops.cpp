@@ -35,16 +35,19 @@ TORCH_LIBRARY(sm4, m) {
   //   sigma = noise_std / E in training, 0 otherwise (0 also means hard-count load).
   //   returns gates (T, k), expert_ids (T, k) int64 (-1 = inactive rank), entropy (T,),
   //   importance (E,), load (E,) (floats in the accumulation type: fp32, fp64 for fp64 x),
-  //   expert_counts (E,) int64, and runner_up (T,) int64: the (k_t + 1)-th expert, -1 if none,
-  //   which the backward needs for the smooth load's threshold. (A float output comes first:
-  //   opcheck's autograd test sums the outputs into the first one's dtype.)
+  //   expert_counts (E,) int64, runner_up (T,) int64: the (k_t + 1)-th expert, -1 if none, and
+  //   logits (T, E): the clean router logits, NaN rows for non-finite tokens. The last two are for
+  //   the backward (saving the logits, 4 bytes per token and expert, spares it the router GEMM and
+  //   a second read of x). (A float output comes first: opcheck's autograd test sums the outputs
+  //   into the first one's dtype.)
   m.def(
       "topk_gating_forward(Tensor x, Tensor router_weight, Tensor? noise, Tensor? token_k, int k, "
       "float sigma, bool renormalize) -> (Tensor gates, Tensor expert_ids, Tensor entropy, "
-      "Tensor importance, Tensor load, Tensor expert_counts, Tensor runner_up)");
+      "Tensor importance, Tensor load, Tensor expert_counts, Tensor runner_up, Tensor logits)");
   // Its backward up to the router logits: grad_logits (T, E) in the accumulation type, from the
-  // gradients of gates (T, k), importance (E,) and load (E,). The caller finishes with two
-  // matmuls: grad_x = grad_logits @ W^T and grad_W = x^T @ grad_logits.
+  // gradients of gates (T, k), importance (E,) and load (E,) and the forward's saved logits
+  // (zero rows for non-finite tokens). The caller finishes with two matmuls:
+  // grad_x = grad_logits @ W^T and grad_W = x^T @ grad_logits.
   // Token permutation (see sm4/types.py RoutingMetadata). A counting sort over E + 1 bins (the
   // last for inactive assignments, which so land in the padding rows in (token, rank) order):
   //   expert_ids (T, k) -> counts (E,), offsets (E + 1,), sorted_assignment (T*k,),
@@ -66,7 +69,6 @@ TORCH_LIBRARY(sm4, m) {
       "unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor gates, Tensor assignment_row) -> "
       "(Tensor grad_y_sorted, Tensor grad_gates)");
   m.def(
-      "topk_gating_backward(Tensor grad_gates, Tensor grad_importance, Tensor grad_load, Tensor x, "
-      "Tensor router_weight, Tensor? noise, Tensor expert_ids, Tensor runner_up, float sigma, "
-      "bool renormalize) -> Tensor grad_logits");
+      "topk_gating_backward(Tensor grad_gates, Tensor grad_importance, Tensor grad_load, Tensor logits, "
+      "Tensor? noise, Tensor expert_ids, Tensor runner_up, float sigma, bool renormalize) -> Tensor grad_logits");
 }

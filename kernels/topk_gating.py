@@ -7,11 +7,12 @@ Pipeline position: the first step of every MoE layer.
          load (E,) fp32, expert_counts (E,) int64, runner_up (T,) int64
 
 One program routes BLOCK_T tokens: it computes their logits with tl.dot over d in BLOCK_D chunks
-(the d x E product stays in registers: no (T, E) logits in memory), then, in registers, the noise,
+(the d x E product stays in registers; the logits are written once, for the backward), then, the noise,
 softmax, top-k selection (k_max + 1 rounds of argmax; argmax breaks ties to the lower index), the
 per-token k mask, gates, entropy, and the program's partial sums of importance, load and counts,
 written to a (programs, E) buffer that PyTorch sums in a fixed order (deterministic, no float
-atomics). The backward program recomputes the logits the same way and writes d loss / d logits.
+atomics). The backward program reads those logits (no GEMM, no second read of x) and writes
+d loss / d logits.
 
 Experts are padded to BLOCK_E = next_pow2(max(E, 16)) lanes; padded lanes hold -inf logits and are
 masked out of every sum. The interpreter computes bf16 wrongly, so x is upcast on load; on a GPU,
@@ -54,15 +55,12 @@ def _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, 
 
 
 @triton.jit
-def _token_logits(x_ptr, w_ptr, noise_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask, sigma,
-                  HAS_NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                  D_BLOCKS: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr):
+def _prepare_logits(clean, finite, noise_ptr, tokens, token_mask, num_experts, experts, expert_mask, sigma,
+                    HAS_NOISE: tl.constexpr):
     """Clean and noisy logits (padded experts -inf) and the tokens to route (in batch, finite).
 
     A non-finite token's logits are replaced by zeros (as if all equal), as the reference does.
     """
-    clean, finite = _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
-                                   BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS, LOW_PRECISION_DOT)
     finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(clean) < float("inf"), 1).to(tl.int32), axis=1) > 0)
     good = token_mask & finite
     clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
@@ -88,7 +86,7 @@ def _softmax_rows(logits):
 @triton.jit
 def _gating_forward_kernel(
     x_ptr, w_ptr, noise_ptr, token_k_ptr,
-    ids_ptr, gates_ptr, entropy_ptr, runner_ptr,
+    ids_ptr, gates_ptr, entropy_ptr, runner_ptr, logits_ptr,
     block_importance_ptr, block_load_ptr, block_counts_ptr,
     num_tokens, dim, num_experts, sigma,
     K: tl.constexpr, K_PAD: tl.constexpr, NUM_RANKED: tl.constexpr,
@@ -103,9 +101,13 @@ def _gating_forward_kernel(
     expert_mask = experts < num_experts
     ranks = tl.arange(0, K_PAD)
 
-    clean, noisy, finite, good = _token_logits(x_ptr, w_ptr, noise_ptr, tokens, token_mask, dim, num_experts, experts,
-                                               expert_mask, sigma, HAS_NOISE, BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS,
-                                               LOW_PRECISION_DOT)
+    raw, finite = _router_logits(x_ptr, w_ptr, tokens, token_mask, dim, num_experts, experts, expert_mask,
+                                 BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS, LOW_PRECISION_DOT)
+    clean, noisy, finite, good = _prepare_logits(raw, finite, noise_ptr, tokens, token_mask, num_experts, experts,
+                                                 expert_mask, sigma, HAS_NOISE)
+    # Saved for the backward: the clean logits, a NaN row for a non-finite token.
+    tl.store(logits_ptr + tokens[:, None] * num_experts + experts[None, :], tl.where(good[:, None], clean, float("nan")),
+             mask=token_mask[:, None] & expert_mask[None, :])
     if HAS_TOKEN_K:
         kt = tl.load(token_k_ptr + tokens, mask=token_mask, other=1).to(tl.int32)
         kt = tl.minimum(tl.maximum(kt, 1), K)
@@ -176,12 +178,11 @@ def _gating_forward_kernel(
 
 @triton.jit
 def _gating_backward_kernel(
-    x_ptr, w_ptr, noise_ptr, ids_ptr, runner_ptr,
+    logits_ptr, noise_ptr, ids_ptr, runner_ptr,
     d_gates_ptr, d_importance_ptr, d_load_ptr, d_logits_ptr,
-    num_tokens, dim, num_experts, sigma,
+    num_tokens, num_experts, sigma,
     K: tl.constexpr, HAS_NOISE: tl.constexpr, RENORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr,
-    LOW_PRECISION_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -189,9 +190,11 @@ def _gating_backward_kernel(
     experts = tl.arange(0, BLOCK_E).to(tl.int64)
     expert_mask = experts < num_experts
 
-    clean, noisy, finite, good = _token_logits(x_ptr, w_ptr, noise_ptr, tokens, token_mask, dim, num_experts, experts,
-                                               expert_mask, sigma, HAS_NOISE, BLOCK_T, BLOCK_E, BLOCK_D, D_BLOCKS,
-                                               LOW_PRECISION_DOT)
+    saved = tl.load(logits_ptr + tokens[:, None] * num_experts + experts[None, :],
+                    mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
+    # A NaN row (a non-finite token) fails the finiteness test inside and gets no gradient.
+    clean, noisy, finite, good = _prepare_logits(saved, tl.full((BLOCK_T,), 1, tl.int1), noise_ptr, tokens, token_mask,
+                                                 num_experts, experts, expert_mask, sigma, HAS_NOISE)
     probs, _, _ = _softmax_rows(noisy)
 
     # Gates -> probabilities (through the optional renormalisation).
@@ -260,7 +263,7 @@ def _blocks(x: torch.Tensor, router_weight: torch.Tensor, num_experts: int):
 def gating_forward(
     x: torch.Tensor, router_weight: torch.Tensor, noise: torch.Tensor | None, token_k: torch.Tensor | None,
     k: int, sigma: float, renormalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.sm4.topk_gating_forward (csrc/sm4_ops.cpp); fp32 routing values."""
     x = x.contiguous()
     weight = router_weight.contiguous()
@@ -272,6 +275,7 @@ def gating_forward(
     gates = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
     entropy = torch.empty(tokens, dtype=torch.float32, device=x.device)
     runner = torch.empty(tokens, dtype=torch.int64, device=x.device)
+    logits = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
     block_importance = torch.zeros(max(programs, 1), experts, dtype=torch.float32, device=x.device)
     block_load = torch.zeros_like(block_importance)
     block_counts = torch.zeros(max(programs, 1), experts, dtype=torch.int64, device=x.device)
@@ -279,7 +283,7 @@ def gating_forward(
     if programs:
         _gating_forward_kernel[(programs,)](
             x, weight, noise.contiguous() if has_noise else x, token_k.contiguous() if token_k is not None else x,
-            ids, gates, entropy, runner, block_importance, block_load, block_counts,
+            ids, gates, entropy, runner, logits, block_importance, block_load, block_counts,
             tokens, dim, experts, float(sigma),
             K=k, K_PAD=triton.next_power_of_2(k), NUM_RANKED=min(k + 1, experts),
             HAS_NOISE=has_noise, HAS_TOKEN_K=token_k is not None, RENORMALIZE=renormalize,
@@ -287,33 +291,28 @@ def gating_forward(
             LOW_PRECISION_DOT=low_precision,
         )
     # Per-program partial sums, added in program order: deterministic.
-    return (gates, ids, entropy, block_importance.sum(0), block_load.sum(0), block_counts.sum(0), runner)
+    return (gates, ids, entropy, block_importance.sum(0), block_load.sum(0), block_counts.sum(0), runner, logits)
 
 
 @torch.library.custom_op("sm4::triton_topk_gating_backward", mutates_args=(), device_types=("cuda", "cpu"))
 def gating_backward(
-    grad_gates: torch.Tensor, grad_importance: torch.Tensor, grad_load: torch.Tensor, x: torch.Tensor,
-    router_weight: torch.Tensor, noise: torch.Tensor | None, expert_ids: torch.Tensor, runner_up: torch.Tensor,
-    sigma: float, renormalize: bool,
+    grad_gates: torch.Tensor, grad_importance: torch.Tensor, grad_load: torch.Tensor, logits: torch.Tensor,
+    noise: torch.Tensor | None, expert_ids: torch.Tensor, runner_up: torch.Tensor, sigma: float, renormalize: bool,
 ) -> torch.Tensor:
     """Same contract as torch.ops.sm4.topk_gating_backward: d loss / d logits, (T, E) fp32."""
-    x = x.contiguous()
-    weight = router_weight.contiguous()
-    tokens, dim = x.shape
-    experts = weight.shape[1]
+    tokens, experts = logits.shape
     k = expert_ids.shape[1]
-    block_t, block_e, block_d, low_precision = _blocks(x, weight, experts)
-    d_logits = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
+    block_e = max(16, triton.next_power_of_2(experts))
+    block_t = 16 if logits.device.type == "cpu" else (64 if block_e <= 128 else 32)
+    d_logits = torch.empty(tokens, experts, dtype=torch.float32, device=logits.device)
     programs = triton.cdiv(tokens, block_t)
     has_noise = sigma > 0
     if programs:
         _gating_backward_kernel[(programs,)](
-            x, weight, noise.contiguous() if has_noise else x, expert_ids.contiguous(), runner_up.contiguous(),
+            logits.contiguous(), noise.contiguous() if has_noise else logits, expert_ids.contiguous(), runner_up.contiguous(),
             grad_gates.float().contiguous(), grad_importance.float().contiguous(), grad_load.float().contiguous(), d_logits,
-            tokens, dim, experts, float(sigma),
-            K=k, HAS_NOISE=has_noise, RENORMALIZE=renormalize,
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d),
-            LOW_PRECISION_DOT=low_precision,
+            tokens, experts, float(sigma),
+            K=k, HAS_NOISE=has_noise, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
         )
     return d_logits
 
@@ -324,14 +323,14 @@ topk_gating = routing.make_topk_gating(gating_forward)
 
 _FORWARD_SIGNATURE = {
     "x_ptr": "*bf16", "w_ptr": "*bf16", "noise_ptr": "*fp32", "token_k_ptr": "*i64",
-    "ids_ptr": "*i64", "gates_ptr": "*fp32", "entropy_ptr": "*fp32", "runner_ptr": "*i64",
+    "ids_ptr": "*i64", "gates_ptr": "*fp32", "entropy_ptr": "*fp32", "runner_ptr": "*i64", "logits_ptr": "*fp32",
     "block_importance_ptr": "*fp32", "block_load_ptr": "*fp32", "block_counts_ptr": "*i64",
     "num_tokens": "i64", "dim": "i64", "num_experts": "i64", "sigma": "fp32",
 }
 _BACKWARD_SIGNATURE = {
-    "x_ptr": "*bf16", "w_ptr": "*bf16", "noise_ptr": "*fp32", "ids_ptr": "*i64", "runner_ptr": "*i64",
+    "logits_ptr": "*fp32", "noise_ptr": "*fp32", "ids_ptr": "*i64", "runner_ptr": "*i64",
     "d_gates_ptr": "*fp32", "d_importance_ptr": "*fp32", "d_load_ptr": "*fp32", "d_logits_ptr": "*fp32",
-    "num_tokens": "i64", "dim": "i64", "num_experts": "i64", "sigma": "fp32",
+    "num_tokens": "i64", "num_experts": "i64", "sigma": "fp32",
 }
 _CONSTEXPRS = ("K", "K_PAD", "NUM_RANKED", "HAS_NOISE", "HAS_TOKEN_K", "RENORMALIZE", "BLOCK_T", "BLOCK_E", "BLOCK_D", "D_BLOCKS", "LOW_PRECISION_DOT")
 
@@ -351,7 +350,7 @@ GPU_COMPILE_CHECKS = [
     ),
     (
         _gating_backward_kernel,
-        {**_BACKWARD_SIGNATURE, **{name: "constexpr" for name in ("K", "HAS_NOISE", "RENORMALIZE", "BLOCK_T", "BLOCK_E", "BLOCK_D", "D_BLOCKS", "LOW_PRECISION_DOT")}},
-        dict(K=2, HAS_NOISE=True, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=64, BLOCK_D=64, D_BLOCKS=64, LOW_PRECISION_DOT=True),
+        {**_BACKWARD_SIGNATURE, **{name: "constexpr" for name in ("K", "HAS_NOISE", "RENORMALIZE", "BLOCK_T", "BLOCK_E")}},
+        dict(K=2, HAS_NOISE=True, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=64),
     ),
 ]

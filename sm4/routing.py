@@ -1,8 +1,9 @@
 """Pieces of top-k gating shared by the kernel backends (cpu, cuda, triton).
 
 Each backend provides two ops with one contract (see csrc/sm4_ops.cpp):
-``topk_gating_forward`` (fused routing, returning gates, ids, entropy, importance, load, counts
-and the runner-up expert) and ``topk_gating_backward`` (d loss / d logits). This module wraps such a
+``topk_gating_forward`` (fused routing, returning gates, ids, entropy, importance, load, counts,
+and for the backward the runner-up expert and the clean logits) and ``topk_gating_backward``
+(d loss / d logits, from the saved logits). This module wraps such a
 pair into the public ``topk_gating``: it draws the noise (``reference.router_noise``, so every
 backend sees the same noise), registers the autograd formula once for every backend, and runs the
 tiny finishing step (the two CV² terms) in PyTorch.
@@ -33,21 +34,21 @@ def register_gating(forward_name: str, backward_name: str, backward_op):
             x.new_empty((experts,), dtype=acc),  # load
             x.new_empty((experts,), dtype=torch.int64),  # expert_counts
             x.new_empty((tokens,), dtype=torch.int64),  # runner_up
+            x.new_empty((tokens, experts), dtype=acc),  # logits
         )
 
     @torch.library.register_fake(backward_name)
-    def _backward_fake(grad_gates, grad_importance, grad_load, x, router_weight, noise, expert_ids, runner_up, sigma, renormalize):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_empty((x.shape[0], router_weight.shape[1]), dtype=acc)
+    def _backward_fake(grad_gates, grad_importance, grad_load, logits, noise, expert_ids, runner_up, sigma, renormalize):
+        return torch.empty_like(logits)
 
     def setup_context(ctx, inputs, output):
         x, router_weight, noise, _token_k, _k, sigma, renormalize = inputs
-        gates, expert_ids, _entropy, _importance, _load, _counts, runner_up = output
-        ctx.save_for_backward(x, router_weight, noise, expert_ids, gates, runner_up)
+        gates, expert_ids, _entropy, _importance, _load, _counts, runner_up, logits = output
+        ctx.save_for_backward(x, router_weight, noise, expert_ids, gates, runner_up, logits)
         ctx.sigma, ctx.renormalize = sigma, renormalize
 
-    def backward(ctx, d_gates, _d_ids, _d_entropy, d_importance, d_load, _d_counts, _d_runner):
-        x, router_weight, noise, expert_ids, gates, runner_up = ctx.saved_tensors
+    def backward(ctx, d_gates, _d_ids, _d_entropy, d_importance, d_load, _d_counts, _d_runner, _d_logits):
+        x, router_weight, noise, expert_ids, gates, runner_up, logits = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             experts = router_weight.shape[1]
@@ -55,7 +56,7 @@ def register_gating(forward_name: str, backward_name: str, backward_op):
             d_importance = gates.new_zeros(experts) if d_importance is None else d_importance
             d_load = gates.new_zeros(experts) if d_load is None else d_load
             grad_logits = backward_op(
-                d_gates, d_importance, d_load, x, router_weight, noise, expert_ids, runner_up, ctx.sigma, ctx.renormalize
+                d_gates, d_importance, d_load, logits, noise, expert_ids, runner_up, ctx.sigma, ctx.renormalize
             )
             grad_x, grad_weight = logits_grad_to_inputs(grad_logits, x, router_weight, gates, ctx.needs_input_grad)
         return grad_x, grad_weight, None, None, None, None, None
@@ -96,7 +97,7 @@ def make_topk_gating(forward_op):
             noise = reference.router_noise(x.shape[0], experts, x.device, generator)
         if sigma == 0:
             noise = None
-        gates, ids, entropy, importance, load, counts, _runner_up = forward_op(
+        gates, ids, entropy, importance, load, counts, _runner_up, _logits = forward_op(
             x, router_weight, noise, token_k, k, float(sigma), renormalize
         )
         return RoutingResult(

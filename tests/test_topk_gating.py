@@ -201,8 +201,8 @@ def test_opcheck(backend):
     for args in [(x, w, noise, token_k, 2, 0.25, True), (x, w, None, None, 3, 0.0, False)]:
         torch.library.opcheck(forward, args)
         torch.library.opcheck(forward, (x.clone().requires_grad_(True), w.clone().requires_grad_(True), *args[2:]))
-    gates, ids, _, _, _, _, runner = forward(x, w, noise, token_k, 2, 0.25, True)
-    torch.library.opcheck(backward, (torch.randn_like(gates), torch.randn(6, device=device), torch.randn(6, device=device), x, w, noise, ids, runner, 0.25, True))
+    gates, ids, _, _, _, _, runner, logits = forward(x, w, noise, token_k, 2, 0.25, True)
+    torch.library.opcheck(backward, (torch.randn_like(gates), torch.randn(6, device=device), torch.randn(6, device=device), logits, noise, ids, runner, 0.25, True))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

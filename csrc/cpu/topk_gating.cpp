@@ -7,8 +7,9 @@
 // importance / load / count sums. Those sums are kept per block and added up in block order at
 // the end, so the result does not depend on the number of threads.
 //
-// The backward recomputes the logits block by block (cheaper than storing (T, E) for large T) and
-// returns d loss / d logits; the caller turns it into grad_x and grad_W with two matmuls.
+// The forward also returns the clean logits (4 bytes per token and expert) so that the backward,
+// a per-token pass that returns d loss / d logits, needs neither the router GEMM nor x; the caller
+// turns d logits into grad_x and grad_W with two matmuls.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -216,7 +217,7 @@ struct TokenScratch {
       : noisy(experts), probs(experts), extra(experts), order(experts), selected(experts) {}
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
                         const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_k,
                         int64_t k, double sigma, bool renormalize) {
@@ -228,6 +229,7 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
   at::Tensor gates = at::empty({T, k}, acc_options);
   at::Tensor entropy = at::empty({T}, acc_options);
   at::Tensor runner_up = at::empty({T}, long_options);
+  at::Tensor saved_logits = at::empty({T, E}, acc_options);
   const int64_t block_tokens = token_block(x.size(1));
   const int64_t num_blocks = (T + block_tokens - 1) / block_tokens;
   at::Tensor block_importance = at::zeros({num_blocks, E}, acc_options);
@@ -256,6 +258,12 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
           const int64_t kt = token_k_ptr ? token_k_ptr[t] : k;
           int64_t* ids = expert_ids.data_ptr<int64_t>() + t * k;
           acc_t* token_gates = gates.data_ptr<acc_t>() + t * k;
+          acc_t* saved = saved_logits.data_ptr<acc_t>() + t * E;
+          if (finite[t - t0]) {
+            std::copy(clean, clean + E, saved);
+          } else {
+            std::fill(saved, saved + E, std::numeric_limits<acc_t>::quiet_NaN());
+          }
           if (!finite[t - t0]) {
             // Routed as if every logit were equal; NaN gates and entropy; not in importance/load.
             for (int64_t r = 0; r < k; ++r) {
@@ -336,93 +344,92 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
       counts.data_ptr<int64_t>()[e] = cnt;
     }
   });
-  return {gates, expert_ids, entropy, importance, load, counts, runner_up};
+  return {gates, expert_ids, entropy, importance, load, counts, runner_up, saved_logits};
 }
 
 at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_gates, const at::Tensor& grad_importance,
-                                    const at::Tensor& grad_load, const at::Tensor& x,
-                                    const at::Tensor& router_weight, const std::optional<at::Tensor>& noise,
-                                    const at::Tensor& expert_ids, const at::Tensor& runner_up, double sigma,
-                                    bool renormalize) {
-  const int64_t k = expert_ids.size(1);
-  const GatingInputs in = prepare(x, router_weight, noise, std::nullopt, k, sigma, "sm4.topk_gating_backward");
-  const int64_t T = in.num_tokens, E = in.num_experts;
-  const auto acc = in.weight.scalar_type();
+                                    const at::Tensor& grad_load, const at::Tensor& logits,
+                                    const std::optional<at::Tensor>& noise, const at::Tensor& expert_ids,
+                                    const at::Tensor& runner_up, double sigma, bool renormalize) {
+  const char* op = "sm4.topk_gating_backward";
+  TORCH_CHECK(logits.dim() == 2 && logits.is_floating_point(), op, ": logits must be the forward's (T, E) logits");
+  const int64_t T = logits.size(0), E = logits.size(1), k = expert_ids.size(1);
+  const auto acc = logits.scalar_type();
+  const at::Tensor clean_all = logits.contiguous();
+  at::Tensor eps;
+  if (sigma > 0) {
+    TORCH_CHECK(noise.has_value() && noise->dim() == 2 && noise->size(0) == T && noise->size(1) == E, op,
+                ": sigma > 0 needs the (T, E) noise tensor");
+    eps = noise->to(acc).contiguous();
+  }
   const at::Tensor d_gates = grad_gates.to(acc).contiguous();
   const at::Tensor d_importance = grad_importance.to(acc).contiguous();
   const at::Tensor d_load = grad_load.to(acc).contiguous();
   const at::Tensor ids_all = expert_ids.contiguous(), runners = runner_up.contiguous();
-  at::Tensor grad_logits = at::empty({T, E}, in.weight.options());
-  const int64_t block_tokens = token_block(x.size(1));
-  const int64_t num_blocks = (T + block_tokens - 1) / block_tokens;
+  at::Tensor grad_logits = at::empty({T, E}, logits.options());
 
   AT_DISPATCH_FLOATING_TYPES(acc, "topk_gating_backward_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t sig = static_cast<acc_t>(sigma);
     const bool noisy_routing = sigma > 0;
-    const acc_t* noise_ptr = noisy_routing ? in.noise.data_ptr<acc_t>() : nullptr;
+    const acc_t* noise_ptr = noisy_routing ? eps.data_ptr<acc_t>() : nullptr;
     const acc_t* dI = d_importance.data_ptr<acc_t>();
     const acc_t* dL = d_load.data_ptr<acc_t>();
-    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
       TokenScratch<acc_t> s(E);
       std::vector<acc_t> d_probs(E);
-      std::vector<char> finite(block_tokens);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t t0 = b * block_tokens, t1 = std::min(T, t0 + block_tokens);
-        const at::Tensor logits_block = block_logits(in.x, in.weight, t0, t1, finite);
-        const acc_t* logits = logits_block.data_ptr<acc_t>();
-        for (int64_t t = t0; t < t1; ++t) {
-          acc_t* dl = grad_logits.data_ptr<acc_t>() + t * E;
-          std::fill(dl, dl + E, acc_t(0));
-          if (!finite[t - t0]) continue;  // a non-finite token contributes no gradient
-          const acc_t* clean = logits + (t - t0) * E;
-          const int64_t* ids = ids_all.data_ptr<int64_t>() + t * k;
-          const acc_t* dg = d_gates.data_ptr<acc_t>() + t * k;
-          int64_t kt = 0;
-          while (kt < k && ids[kt] >= 0) ++kt;
-          for (int64_t e = 0; e < E; ++e)
-            s.noisy[e] = noisy_routing ? clean[e] + sig * noise_ptr[t * E + e] : clean[e];
-          acc_t unused_max, unused_log_partition;
-          softmax(s.noisy.data(), E, s.probs.data(), unused_max, unused_log_partition);
+      for (int64_t t = t0; t < t1; ++t) {
+        acc_t* dl = grad_logits.data_ptr<acc_t>() + t * E;
+        const acc_t* clean = clean_all.data_ptr<acc_t>() + t * E;
+        std::fill(dl, dl + E, acc_t(0));
+        // A non-finite token (saved as a NaN row) contributes no gradient.
+        if (!std::all_of(clean, clean + E, [](acc_t v) { return std::isfinite(v); })) continue;
+        const int64_t* ids = ids_all.data_ptr<int64_t>() + t * k;
+        const acc_t* dg = d_gates.data_ptr<acc_t>() + t * k;
+        int64_t kt = 0;
+        while (kt < k && ids[kt] >= 0) ++kt;
+        for (int64_t e = 0; e < E; ++e)
+          s.noisy[e] = noisy_routing ? clean[e] + sig * noise_ptr[t * E + e] : clean[e];
+        acc_t unused_max, unused_log_partition;
+        softmax(s.noisy.data(), E, s.probs.data(), unused_max, unused_log_partition);
 
-          // Gates -> noisy probabilities (through the optional renormalisation).
-          std::fill(d_probs.begin(), d_probs.end(), acc_t(0));
-          if (renormalize) {
-            acc_t active_sum = 0, dot = 0;
-            for (int64_t r = 0; r < kt; ++r) active_sum += s.probs[ids[r]];
-            for (int64_t r = 0; r < kt; ++r) dot += dg[r] * s.probs[ids[r]] / active_sum;
-            for (int64_t r = 0; r < kt; ++r) d_probs[ids[r]] += (dg[r] - dot) / active_sum;
-          } else {
-            for (int64_t r = 0; r < kt; ++r) d_probs[ids[r]] += dg[r];
-          }
-          // Softmax backward (noise is additive, so d noisy = d clean logits).
-          acc_t dot = 0;
-          for (int64_t e = 0; e < E; ++e) dot += s.probs[e] * d_probs[e];
-          for (int64_t e = 0; e < E; ++e) dl[e] = s.probs[e] * (d_probs[e] - dot);
+        // Gates -> noisy probabilities (through the optional renormalisation).
+        std::fill(d_probs.begin(), d_probs.end(), acc_t(0));
+        if (renormalize) {
+          acc_t active_sum = 0, dot = 0;
+          for (int64_t r = 0; r < kt; ++r) active_sum += s.probs[ids[r]];
+          for (int64_t r = 0; r < kt; ++r) dot += dg[r] * s.probs[ids[r]] / active_sum;
+          for (int64_t r = 0; r < kt; ++r) d_probs[ids[r]] += (dg[r] - dot) / active_sum;
+        } else {
+          for (int64_t r = 0; r < kt; ++r) d_probs[ids[r]] += dg[r];
+        }
+        // Softmax backward (noise is additive, so d noisy = d clean logits).
+        for (int64_t e = 0; e < E; ++e) s.extra[e] = s.probs[e] * d_probs[e];
+        const acc_t dot = lane_sum(s.extra.data(), E);
+        for (int64_t e = 0; e < E; ++e) dl[e] = s.probs[e] * (d_probs[e] - dot);
 
-          // Importance = sum of the clean softmax.
-          const acc_t* q = s.probs.data();
-          if (noisy_routing) {
-            softmax(clean, E, s.extra.data(), unused_max, unused_log_partition);
-            q = s.extra.data();
-          }
-          acc_t q_dot = 0;
-          for (int64_t e = 0; e < E; ++e) q_dot += q[e] * dI[e];
-          for (int64_t e = 0; e < E; ++e) dl[e] += q[e] * (dI[e] - q_dot);
+        // Importance = sum of the clean softmax.
+        const acc_t* q = s.probs.data();
+        if (noisy_routing) {
+          softmax(clean, E, s.extra.data(), unused_max, unused_log_partition);
+          q = s.extra.data();
+        }
+        acc_t q_dot = 0;
+        for (int64_t e = 0; e < E; ++e) q_dot += q[e] * dI[e];
+        for (int64_t e = 0; e < E; ++e) dl[e] += q[e] * (dI[e] - q_dot);
 
-          // Smooth load: Phi((l_e - n_j) / sigma), j the threshold expert of e.
-          if (noisy_routing) {
-            std::fill(s.selected.begin(), s.selected.end(), 0);
-            for (int64_t r = 0; r < kt; ++r) s.selected[ids[r]] = 1;
-            const int64_t runner = runners.data_ptr<int64_t>()[t];
-            const int64_t last_selected = ids[kt - 1];
-            for (int64_t e = 0; e < E; ++e) {
-              const int64_t j = s.selected[e] ? runner : last_selected;
-              if (j < 0) continue;  // k_t = E: the expert is selected whatever the noise
-              const acc_t a = normal_pdf((clean[e] - s.noisy[j]) / sig) / sig * dL[e];
-              dl[e] += a;
-              dl[j] -= a;
-            }
+        // Smooth load: Phi((l_e - n_j) / sigma), j the threshold expert of e.
+        if (noisy_routing) {
+          std::fill(s.selected.begin(), s.selected.end(), 0);
+          for (int64_t r = 0; r < kt; ++r) s.selected[ids[r]] = 1;
+          const int64_t runner = runners.data_ptr<int64_t>()[t];
+          const int64_t last_selected = ids[kt - 1];
+          for (int64_t e = 0; e < E; ++e) {
+            const int64_t j = s.selected[e] ? runner : last_selected;
+            if (j < 0) continue;  // k_t = E: the expert is selected whatever the noise
+            const acc_t a = normal_pdf((clean[e] - s.noisy[j]) / sig) / sig * dL[e];
+            dl[e] += a;
+            dl[j] -= a;
           }
         }
       }

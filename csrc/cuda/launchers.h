@@ -34,23 +34,24 @@ int64_t topk_gating_num_blocks(int64_t num_tokens);
 
 // Fused noisy top-k gating forward (contract: csrc/sm4_ops.cpp, topk_gating_forward).
 //   x: (T, d) of x_type; weight: (d, E) fp32; noise: (T, E) fp32 or null; token_k: (T,) int64
-//   or null. Outputs: ids (T, K) int64, gates (T, K), entropy (T,), runner_up (T,) int64, and
+//   or null. Outputs: ids (T, K) int64, gates (T, K), entropy (T,), runner_up (T,) int64, logits
+//   (T, E) fp32 (the clean logits, NaN rows for non-finite tokens, for the backward), and
 //   per-block partial sums block_importance / block_load (blocks, E) fp32, block_counts (blocks,
 //   E) int64, which the caller sums over blocks.
 cudaError_t launch_topk_gating_forward(const void* x, FloatType x_type, const float* weight,
                                        const float* noise, const int64_t* token_k, int64_t num_tokens,
                                        int64_t dim, int64_t num_experts, int64_t k, float sigma,
                                        bool renormalize, int64_t* ids, float* gates, float* entropy,
-                                       int64_t* runner_up, float* block_importance, float* block_load,
+                                       int64_t* runner_up, float* logits, float* block_importance, float* block_load,
                                        int64_t* block_counts, cudaStream_t stream);
 
 // Its backward up to the logits: d_logits (T, E) fp32 from d_gates (T, K), d_importance (E,) and
-// d_load (E,) (all fp32), recomputing the logits from x and weight.
-cudaError_t launch_topk_gating_backward(const void* x, FloatType x_type, const float* weight,
-                                        const float* noise, const int64_t* ids, const int64_t* runner_up,
+// d_load (E,) (all fp32) and the forward's saved logits.
+cudaError_t launch_topk_gating_backward(const float* logits, const float* noise, const int64_t* ids,
+                                        const int64_t* runner_up,
                                         const float* d_gates, const float* d_importance, const float* d_load,
-                                        int64_t num_tokens, int64_t dim, int64_t num_experts, int64_t k,
-                                        float sigma, bool renormalize, float* d_logits, cudaStream_t stream);
+                                        int64_t num_tokens, int64_t num_experts, int64_t k, float sigma,
+                                        bool renormalize, float* d_logits, cudaStream_t stream);
 
 }  // namespace sm4::cuda
 

@@ -7,7 +7,8 @@
 // warp-level: shuffles for max / sum, k_max + 1 rounds of a warp argmax whose comparison is
 // (value descending, index ascending), so ties go to the lower index. Per-block partial sums of
 // importance, load and counts are added in a fixed warp order and written per block; the caller
-// sums the blocks (no float atomics: deterministic).
+// sums the blocks (no float atomics: deterministic). The clean logits are written once for the
+// backward, which is then a per-token pass with no GEMM and no second read of x.
 //
 // No torch headers here (see launchers.h).
 
@@ -151,7 +152,8 @@ struct GatingArgs {
 template <typename x_t, int EPT>
 __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
     const x_t* __restrict__ x, GatingArgs a, int64_t* __restrict__ ids, float* __restrict__ gates,
-    float* __restrict__ entropy, int64_t* __restrict__ runner_up, float* __restrict__ block_importance,
+    float* __restrict__ entropy, int64_t* __restrict__ runner_up, float* __restrict__ logits,
+    float* __restrict__ block_importance,
     float* __restrict__ block_load, int64_t* __restrict__ block_counts) {
   extern __shared__ float shared[];
   float* w_tile = shared;                                  // kTileD * E (reused for partial sums)
@@ -173,6 +175,13 @@ __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
   const bool has_noise = a.sigma > 0.f;
   int64_t kt = K;
   if (a.token_k != nullptr && in_batch) kt = min(max(a.token_k[token], int64_t{1}), K);
+  if (in_batch) {
+#pragma unroll
+    for (int j = 0; j < EPT; ++j) {
+      const int e = lane + j * kWarpSize;
+      if (e < E) logits[token * E + e] = finite ? clean[j] : NAN;  // saved for the backward
+    }
+  }
   float noisy[EPT], probs[EPT], q[EPT];
   // The smooth load is computed once the selection (the last use of the noisy logits) is done:
   // it reuses their registers (EPT = 8 would spill otherwise).
@@ -303,24 +312,24 @@ __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
   }
 }
 
-template <typename x_t, int EPT>
+template <int EPT>
 __global__ void __launch_bounds__(kThreads, 2) gating_backward_kernel(
-    const x_t* __restrict__ x, GatingArgs a, const int64_t* __restrict__ ids, const int64_t* __restrict__ runner_up,
-    const float* __restrict__ d_gates, const float* __restrict__ d_importance, const float* __restrict__ d_load,
-    float* __restrict__ d_logits) {
-  extern __shared__ float shared[];
-  float* w_tile = shared;
-  float* x_tile = w_tile + kTileD * a.num_experts;
-  int* bad_input = reinterpret_cast<int*>(x_tile + kTokensPerBlock * kTileD);
+    const float* __restrict__ saved_logits, GatingArgs a, const int64_t* __restrict__ ids,
+    const int64_t* __restrict__ runner_up, const float* __restrict__ d_gates, const float* __restrict__ d_importance,
+    const float* __restrict__ d_load, float* __restrict__ d_logits) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t E = a.num_experts, K = a.k;
   const int64_t token = blockIdx.x * int64_t(kTokensPerBlock) + warp;
-
-  float clean[EPT];
-  bool finite;
-  token_logits<x_t, EPT>(x, a.weight, a.num_tokens, a.dim, E, token, x_tile, w_tile, bad_input, clean, finite);
   if (token >= a.num_tokens) return;
-  if (!finite) {
+  float clean[EPT];
+  bool ok = true;
+#pragma unroll
+  for (int j = 0; j < EPT; ++j) {
+    const int e = lane + j * kWarpSize;
+    clean[j] = e < E ? saved_logits[token * E + e] : 0.f;
+    if (e < E && !isfinite(clean[j])) ok = false;
+  }
+  if (!__all_sync(kFullMask, ok)) {  // a non-finite token (a NaN row) gets no gradient
     for (int64_t e = lane; e < E; e += kWarpSize) d_logits[token * E + e] = 0.f;
     return;
   }
@@ -452,26 +461,25 @@ cudaError_t dispatch(FloatType x_type, int64_t num_experts, Args&&... args) {
 template <typename x_t, int EPT>
 struct ForwardLaunch {
   static cudaError_t run(const void* x, const GatingArgs& a, int64_t* ids, float* gates, float* entropy,
-                         int64_t* runner_up, float* block_importance, float* block_load, int64_t* block_counts,
-                         cudaStream_t stream) {
+                         int64_t* runner_up, float* logits, float* block_importance, float* block_load,
+                         int64_t* block_counts, cudaStream_t stream) {
     const int64_t blocks = topk_gating_num_blocks(a.num_tokens);
     gating_forward_kernel<x_t, EPT><<<blocks, kThreads, shared_bytes(a.num_experts), stream>>>(
-        static_cast<const x_t*>(x), a, ids, gates, entropy, runner_up, block_importance, block_load, block_counts);
+        static_cast<const x_t*>(x), a, ids, gates, entropy, runner_up, logits, block_importance, block_load,
+        block_counts);
     return cudaGetLastError();
   }
 };
 
-template <typename x_t, int EPT>
-struct BackwardLaunch {
-  static cudaError_t run(const void* x, const GatingArgs& a, const int64_t* ids, const int64_t* runner_up,
-                         const float* d_gates, const float* d_importance, const float* d_load, float* d_logits,
-                         cudaStream_t stream) {
-    const int64_t blocks = topk_gating_num_blocks(a.num_tokens);
-    gating_backward_kernel<x_t, EPT><<<blocks, kThreads, shared_bytes(a.num_experts), stream>>>(
-        static_cast<const x_t*>(x), a, ids, runner_up, d_gates, d_importance, d_load, d_logits);
-    return cudaGetLastError();
-  }
-};
+template <int EPT>
+cudaError_t launch_backward(const float* logits, const GatingArgs& a, const int64_t* ids, const int64_t* runner_up,
+                            const float* d_gates, const float* d_importance, const float* d_load, float* d_logits,
+                            cudaStream_t stream) {
+  const int64_t blocks = topk_gating_num_blocks(a.num_tokens);
+  gating_backward_kernel<EPT><<<blocks, kThreads, 0, stream>>>(logits, a, ids, runner_up, d_gates, d_importance,
+                                                              d_load, d_logits);
+  return cudaGetLastError();
+}
 
 }  // namespace
 
@@ -482,25 +490,27 @@ int64_t topk_gating_num_blocks(int64_t num_tokens) {
 cudaError_t launch_topk_gating_forward(const void* x, FloatType x_type, const float* weight, const float* noise,
                                        const int64_t* token_k, int64_t num_tokens, int64_t dim, int64_t num_experts,
                                        int64_t k, float sigma, bool renormalize, int64_t* ids, float* gates,
-                                       float* entropy, int64_t* runner_up, float* block_importance,
+                                       float* entropy, int64_t* runner_up, float* logits, float* block_importance,
                                        float* block_load, int64_t* block_counts, cudaStream_t stream) {
   if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > num_experts) return cudaErrorInvalidValue;
   if (num_tokens == 0) return cudaSuccess;
   const GatingArgs a{weight, sigma > 0.f ? noise : nullptr, token_k, num_tokens, dim, num_experts, k, sigma, renormalize};
-  return dispatch<ForwardLaunch>(x_type, num_experts, x, a, ids, gates, entropy, runner_up, block_importance,
-                                 block_load, block_counts, stream);
+  return dispatch<ForwardLaunch>(x_type, num_experts, x, a, ids, gates, entropy, runner_up, logits,
+                                 block_importance, block_load, block_counts, stream);
 }
 
-cudaError_t launch_topk_gating_backward(const void* x, FloatType x_type, const float* weight, const float* noise,
-                                        const int64_t* ids, const int64_t* runner_up, const float* d_gates,
-                                        const float* d_importance, const float* d_load, int64_t num_tokens,
-                                        int64_t dim, int64_t num_experts, int64_t k, float sigma, bool renormalize,
-                                        float* d_logits, cudaStream_t stream) {
+cudaError_t launch_topk_gating_backward(const float* logits, const float* noise, const int64_t* ids,
+                                        const int64_t* runner_up, const float* d_gates, const float* d_importance,
+                                        const float* d_load, int64_t num_tokens, int64_t num_experts, int64_t k,
+                                        float sigma, bool renormalize, float* d_logits, cudaStream_t stream) {
   if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > num_experts) return cudaErrorInvalidValue;
   if (num_tokens == 0) return cudaSuccess;
-  const GatingArgs a{weight, sigma > 0.f ? noise : nullptr, nullptr, num_tokens, dim, num_experts, k, sigma, renormalize};
-  return dispatch<BackwardLaunch>(x_type, num_experts, x, a, ids, runner_up, d_gates, d_importance, d_load, d_logits,
-                                  stream);
+  const GatingArgs a{nullptr, sigma > 0.f ? noise : nullptr, nullptr, num_tokens, 0, num_experts, k, sigma, renormalize};
+  const int ept = static_cast<int>((num_experts + kWarpSize - 1) / kWarpSize);
+  if (ept <= 1) return launch_backward<1>(logits, a, ids, runner_up, d_gates, d_importance, d_load, d_logits, stream);
+  if (ept <= 2) return launch_backward<2>(logits, a, ids, runner_up, d_gates, d_importance, d_load, d_logits, stream);
+  if (ept <= 4) return launch_backward<4>(logits, a, ids, runner_up, d_gates, d_importance, d_load, d_logits, stream);
+  return launch_backward<8>(logits, a, ids, runner_up, d_gates, d_importance, d_load, d_logits, stream);
 }
 
 }  // namespace sm4::cuda
