@@ -35,9 +35,6 @@ STEP_OPS = (
 
 # Which issue brings each op to the kernel backends, for the "not implemented yet" reasons.
 PLANNED_IN = {
-    "routing_metadata": "the token permutation issue (#4)",  # triton, cuda
-    "permute": "the token permutation issue (#4)",
-    "unpermute": "the token permutation issue (#4)",
     "grouped_linear": "the grouped GEMM issue (#5)",
     "grouped_ffn": "the grouped GEMM issue (#5)",
 }
