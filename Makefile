@@ -19,7 +19,7 @@ PYTEST_FLAGS ?=
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test test-fast bench env clean
+.PHONY: demo test bench env clean distclean
 
 demo: $(VENV)/.built
 	$(PY) -m sm4 demo

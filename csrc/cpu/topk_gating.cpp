@@ -259,13 +259,10 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
           int64_t* ids = expert_ids.data_ptr<int64_t>() + t * k;
           acc_t* token_gates = gates.data_ptr<acc_t>() + t * k;
           acc_t* saved = saved_logits.data_ptr<acc_t>() + t * E;
-          if (finite[t - t0]) {
-            std::copy(clean, clean + E, saved);
-          } else {
-            std::fill(saved, saved + E, std::numeric_limits<acc_t>::quiet_NaN());
-          }
           if (!finite[t - t0]) {
-            // Routed as if every logit were equal; NaN gates and entropy; not in importance/load.
+            // Routed as if every logit were equal; NaN gates, entropy and saved logits; not in
+            // importance/load.
+            std::fill(saved, saved + E, std::numeric_limits<acc_t>::quiet_NaN());
             for (int64_t r = 0; r < k; ++r) {
               ids[r] = r < kt ? r : -1;
               token_gates[r] = r < kt ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
@@ -275,6 +272,7 @@ topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
             runner_up.data_ptr<int64_t>()[t] = -1;
             continue;
           }
+          std::copy(clean, clean + E, saved);
           for (int64_t e = 0; e < E; ++e)
             s.noisy[e] = noisy_routing ? clean[e] + sig * noise_ptr[t * E + e] : clean[e];
           rank_experts(s.noisy.data(), E, ranked, s.order.data(), s.extra.data());
