@@ -68,6 +68,29 @@ TORCH_LIBRARY(sm4, m) {
   m.def(
       "unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor gates, Tensor assignment_row) -> "
       "(Tensor grad_y_sorted, Tensor grad_gates)");
+  // Grouped GEMM over rows in expert order (the expert layers; sm4/reference.py grouped_mm is the
+  // truth). Row i of M sorted rows (M = gather_index.numel(), or a.size(0) without it) belongs to
+  // expert e when expert_offsets[e] <= i < expert_offsets[e + 1]; rows >= expert_offsets[E] are
+  // inactive. With W_e = weight[e] (E, K, N), or weight[e]^T when transpose_weight (E, N, K):
+  //   pre_i = a[gather_index[i] or i] @ W_e + bias[e]          (accumulated in fp32)
+  //   out[scatter_index[i] or i] = act(pre_i) * scatter_scale[i]   (scale 1 when absent)
+  // activation: 0 none, 1 exact GELU (erf), 2 GELU tanh. out is (num_out_rows, N) in a's dtype and
+  // every row no active row writes is zero. preact (M, N) holds pre_i (zero rows when inactive)
+  // when save_preact and activation != 0, else it is (0, N). weight and bias have a's dtype;
+  // indices are int64; scatter_index values are distinct. Gather in the prologue and scatter
+  // (times the gate) in the epilogue make the fused MoE path: no x_sorted copy is ever made.
+  m.def(
+      "grouped_mm(Tensor a, Tensor weight, Tensor? bias, Tensor expert_offsets, Tensor? gather_index, "
+      "Tensor? scatter_index, Tensor? scatter_scale, int num_out_rows, bool transpose_weight, int activation, "
+      "bool save_preact) -> (Tensor out, Tensor preact)");
+  // Per-expert weight (and bias) gradient of grouped_mm, deterministic (fixed order, no atomics):
+  //   grad_weight[e] = sum over rows i of e of a[a_index[i] or i]^T grad[grad_index[i] or i]
+  //   grad_bias[e]   = sum over rows i of e of grad[grad_index[i] or i]
+  // grad_weight (E, K, N) and grad_bias (E, N) (or (0, N) unless compute_bias) in a's dtype,
+  // accumulated in fp32; E = expert_offsets.numel() - 1; empty experts get zeros.
+  m.def(
+      "grouped_weight_grad(Tensor a, Tensor grad, Tensor expert_offsets, Tensor? a_index, Tensor? grad_index, "
+      "bool compute_bias) -> (Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "topk_gating_backward(Tensor grad_gates, Tensor grad_importance, Tensor grad_load, Tensor logits, "
       "Tensor? noise, Tensor expert_ids, Tensor runner_up, float sigma, bool renormalize) -> Tensor grad_logits");

@@ -98,6 +98,10 @@ class Checker:
         if not value >= low:  # also rejects NaN
             self.fail(ValueError, f"{name} must be >= {low}, got {value}")
 
+    def flag(self, name: str, value):
+        if not isinstance(value, bool):
+            self.fail(TypeError, f"{name} must be a bool, got {type(value).__name__}")
+
     def choice(self, name: str, value, choices):
         if value not in choices:
             self.fail(ValueError, f"{name} must be one of {sorted(choices)}, got {value!r}")

@@ -11,9 +11,12 @@ kernel runs), then runs on the backend that ``sm4.dispatch`` selects (``backend=
     unpermute          y_sorted (N, d), gates (T, k_max), meta   -> y (T, d)
     grouped_linear     x_sorted (N, in), weight (E, in, out)     -> (N, out)
     grouped_ffn        x_sorted (N, d), w1 (E, d, h), w2 (E, h, d_out) -> (N, d_out)
-    moe_linear         gating -> metadata -> permute -> grouped_linear -> unpermute
-    moe_ffn            gating -> metadata -> permute -> grouped_ffn -> unpermute
-    moe_attention      three moe_linear (q, k, v; own routers) -> SDPA -> dense output projection
+    expert_linear      x (T, in), weight, gates (T, k), metadata     -> (T, out)   fused gather/GEMM/combine
+    expert_ffn         x (T, d), w1, w2, gates (T, k), metadata      -> (T, d_out) fused gather/FFN/combine
+    moe_linear         gating -> metadata -> expert_linear  (fused=False: permute -> grouped_linear -> unpermute)
+    moe_ffn            gating -> metadata -> expert_ffn     (fused=False: permute -> grouped_ffn -> unpermute)
+    moe_qkv            three routings of one x -> one grouped GEMM over the 3E Q/K/V experts
+    moe_attention      Q, K, V from mixtures of linear experts (own routers) -> SDPA -> output projection
 
 k is the maximum number of experts per token (a Python int, 1 <= k <= E); a per-token k is
 ``token_k``, a (T,) int tensor with 1 <= k_t <= k, accepted by every op that takes k. Routing
@@ -37,7 +40,10 @@ __all__ = [
     "unpermute",
     "grouped_linear",
     "grouped_ffn",
+    "expert_linear",
+    "expert_ffn",
     "moe_linear",
+    "moe_qkv",
     "moe_ffn",
     "moe_attention",
 ]
@@ -236,12 +242,15 @@ def grouped_ffn(
     expert_offsets: torch.Tensor,
     activation: str = "gelu",
     *,
+    recompute_hidden: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Per-expert FFN ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` over rows in expert order.
 
     x_sorted: (N, in) float. w1: (E, in, h). b1: (E, h) or None. w2: (E, h, out). b2: (E, out)
     or None. activation: "gelu" (exact, erf) or "gelu_tanh". Returns (N, out) in x's dtype.
+    recompute_hidden: the backward recomputes the hidden layer (one more GEMM) instead of the
+    forward saving it (N * h elements); see sm4.grouped for the trade-off.
     """
     c = Checker("sm4.ops.grouped_ffn")
     _check_grouped(
@@ -249,8 +258,76 @@ def grouped_ffn(
         [("w1", w1, "(E, in, h)", "b1", b1, "(E, h)"), ("w2", w2, "(E, h, out)", "b2", b2, "(E, out)")],
     )
     c.choice("activation", activation, ACTIVATIONS)
+    c.flag("recompute_hidden", recompute_hidden)
     _, impl = dispatch.select("grouped_ffn", (x_sorted, w1, b1, w2, b2, expert_offsets), backend)
-    return impl(x_sorted, w1, b1, w2, b2, expert_offsets, activation)
+    return impl(x_sorted, w1, b1, w2, b2, expert_offsets, activation, recompute_hidden)
+
+
+def _check_expert_inputs(c: Checker, x, gates, metadata, layers):
+    c.tensor("x", x, "(T, in)", FLOAT_DTYPES)
+    c.tensor("gates", gates, "(T, k)", FLOAT_DTYPES)
+    _check_metadata(c, metadata)
+    if metadata.assignment_row.shape != gates.shape:
+        c.fail(ValueError, f"metadata is for (T, k) = {tuple(metadata.assignment_row.shape)} assignments, gates are {tuple(gates.shape)}")
+    for weight_name, weight, weight_shape, bias_name, bias, bias_shape in layers:
+        c.tensor(weight_name, weight, weight_shape, FLOAT_DTYPES)
+        c.tensor(bias_name, bias, bias_shape, FLOAT_DTYPES, optional=True)
+    if x.shape[0] != gates.shape[0]:
+        c.fail(ValueError, f"x has {x.shape[0]} tokens but gates has {gates.shape[0]}")
+    if metadata.expert_offsets.shape[0] != c.sizes["E"][0] + 1:
+        c.fail(ValueError, f"metadata has {metadata.expert_offsets.shape[0] - 1} experts, {c.sizes['E'][1]} has {c.sizes['E'][0]}")
+
+
+def expert_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gates: torch.Tensor,
+    metadata: RoutingMetadata,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The expert half of moe_linear, fused: y[t] = sum over t's active ranks of gate * (x[t] @ W_e + b_e).
+
+    x: (T, in) float. weight: (E, in, out). bias: (E, out) or None. gates: (T, k) float (from
+    topk_gating). metadata: routing_metadata of the same expert ids. Returns (T, out) in x's
+    dtype. The kernel backends read x's rows through the sorted index inside the GEMM and write
+    each output row to its token's place (no x_sorted copy); gradients reach x, weight, bias and
+    gates.
+    """
+    c = Checker("sm4.ops.expert_linear")
+    _check_expert_inputs(c, x, gates, metadata, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
+    _, impl = dispatch.select("expert_linear", (x, weight, bias, gates, metadata.sorted_token), backend)
+    return impl(x, weight, bias, gates, metadata)
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    gates: torch.Tensor,
+    metadata: RoutingMetadata,
+    activation: str = "gelu",
+    *,
+    recompute_hidden: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The expert half of moe_ffn, fused: y[t] = sum over t's active ranks of gate * FFN_e(x[t]).
+
+    x: (T, d). w1: (E, d, h). b1: (E, h) or None. w2: (E, h, out). b2: (E, out) or None. gates:
+    (T, k). metadata: routing_metadata of the same ids. Returns (T, out) in x's dtype.
+    """
+    c = Checker("sm4.ops.expert_ffn")
+    _check_expert_inputs(
+        c, x, gates, metadata,
+        [("w1", w1, "(E, in, h)", "b1", b1, "(E, h)"), ("w2", w2, "(E, h, out)", "b2", b2, "(E, out)")],
+    )
+    c.choice("activation", activation, ACTIVATIONS)
+    c.flag("recompute_hidden", recompute_hidden)
+    _, impl = dispatch.select("expert_ffn", (x, w1, b1, w2, b2, gates, metadata.sorted_token), backend)
+    return impl(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden)
 
 
 def moe_linear(
@@ -266,6 +343,7 @@ def moe_linear(
     renormalize: bool = False,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    fused: bool = True,
     backend: str | None = None,
 ) -> MoEOutput:
     """A mixture of single-linear experts (the Q/K/V experts of sparse MoE attention).
@@ -273,6 +351,8 @@ def moe_linear(
     x: (T, in). router_weight: (in, E). weight: (E, in, out). bias: (E, out) or None. The gating
     keywords are those of topk_gating. Returns MoEOutput(output (T, out) in x's dtype, routing):
     output[t] = sum over t's active experts e of gate * (x[t] @ weight[e] + bias[e]).
+    fused: gating -> metadata -> expert_linear (one grouped GEMM reading x through the index);
+    False runs the unfused steps permute -> grouped_linear -> unpermute (same result).
     """
     c = Checker("sm4.ops.moe_linear")
     _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
@@ -283,6 +363,8 @@ def moe_linear(
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
     )
     metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
+    if fused:
+        return MoEOutput(expert_linear(x, weight, bias, routing.gates, metadata, backend=backend), routing)
     y_sorted = grouped_linear(permute(x, metadata, backend=backend), weight, bias, metadata.expert_offsets, backend=backend)
     return MoEOutput(unpermute(y_sorted, routing.gates, metadata, backend=backend), routing)
 
@@ -303,12 +385,16 @@ def moe_ffn(
     renormalize: bool = False,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    recompute_hidden: bool = False,
+    fused: bool = True,
     backend: str | None = None,
 ) -> MoEOutput:
     """A mixture of FFN experts ``Linear(d, h) -> GELU -> Linear(h, d_out)`` (the SMoE layer).
 
     x: (T, d). router_weight: (d, E). w1: (E, d, h). b1: (E, h) or None. w2: (E, h, d_out).
     b2: (E, d_out) or None. Returns MoEOutput(output (T, d_out) in x's dtype, routing).
+    fused: gating -> metadata -> expert_ffn (gather and combine fused into the GEMMs); False runs
+    permute -> grouped_ffn -> unpermute. recompute_hidden: see grouped_ffn.
     """
     c = Checker("sm4.ops.moe_ffn")
     _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
@@ -320,9 +406,72 @@ def moe_ffn(
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
     )
     metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
+    if fused:
+        y = expert_ffn(x, w1, b1, w2, b2, routing.gates, metadata, activation, recompute_hidden=recompute_hidden,
+                       backend=backend)
+        return MoEOutput(y, routing)
     x_sorted = permute(x, metadata, backend=backend)
-    y_sorted = grouped_ffn(x_sorted, w1, b1, w2, b2, metadata.expert_offsets, activation, backend=backend)
+    y_sorted = grouped_ffn(x_sorted, w1, b1, w2, b2, metadata.expert_offsets, activation,
+                           recompute_hidden=recompute_hidden, backend=backend)
     return MoEOutput(unpermute(y_sorted, routing.gates, metadata, backend=backend), routing)
+
+
+def moe_qkv(
+    x: torch.Tensor,
+    routers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    weights: torch.Tensor,
+    biases: torch.Tensor | None,
+    k: int,
+    *,
+    token_k: torch.Tensor | None = None,
+    noise_std: float = 1.0,
+    training: bool = False,
+    renormalize: bool = False,
+    generator: torch.Generator | None = None,
+    fused: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, tuple[RoutingResult, RoutingResult, RoutingResult]]:
+    """Q, K and V of sparse MoE self-attention: three routings of one x, each over its own E experts.
+
+    x: (T, d). routers: three (d, E) router weights (q, k, v). weights: (3, E, d, C), the q, k and
+    v experts stacked (keep them stacked in the module: no copy per call). biases: (3, E, C) or
+    None. token_k: one (T,) per-token k for all three, or None. Returns (qkv (T, 3, C), the three
+    RoutingResults). fused: the three routings become one metadata over 3E experts (ids of the k
+    group offset by E, of the v group by 2E) and one grouped GEMM computes Q, K and V in a single
+    launch; False runs three moe_linear (same result).
+    """
+    c = Checker("sm4.ops.moe_qkv")
+    c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    if not isinstance(routers, (tuple, list)) or len(routers) != 3:
+        c.fail(TypeError, "routers must be a triple (q, k, v) of (d, E) router weights")
+    for name, router in zip("qkv", routers):
+        c.tensor(f"routers ({name})", router, "(d, E)", FLOAT_DTYPES)
+    c.tensor("weights", weights, "(3, E, d, C)", FLOAT_DTYPES)
+    c.tensor("biases", biases, "(3, E, C)", FLOAT_DTYPES, optional=True)
+    if weights.shape[0] != 3:
+        c.fail(ValueError, f"weights must stack the q, k, v experts on dim 0 (3, E, d, C), got {tuple(weights.shape)}")
+    num_experts = weights.shape[1]
+    routings = tuple(
+        topk_gating(x, router, k, token_k=token_k, noise_std=noise_std, training=training, renormalize=renormalize,
+                    generator=generator, backend=backend)
+        for router in routers
+    )
+    if not fused:
+        outputs = []
+        for g, routing in enumerate(routings):
+            metadata = routing_metadata(routing.expert_ids, num_experts, backend=backend)
+            outputs.append(expert_linear(x, weights[g], None if biases is None else biases[g], routing.gates, metadata,
+                                         backend=backend))
+        return torch.stack(outputs, 1), routings
+    # One routing over 3E experts: group g's ids shifted by g * E (-1 stays -1), ranks side by side.
+    ids = torch.cat([torch.where(r.expert_ids >= 0, r.expert_ids + g * num_experts, -1) for g, r in enumerate(routings)], 1)
+    metadata = routing_metadata(ids, 3 * num_experts, backend=backend)
+    gates = torch.stack([r.gates for r in routings], 1)  # (T, 3, k)
+    flat_weights = weights.reshape(3 * num_experts, *weights.shape[2:])
+    flat_biases = None if biases is None else biases.reshape(3 * num_experts, biases.shape[2])
+    # expert_linear's kernels combine (T, 3, k) gates group by group (its public check wants (T, k)).
+    _, impl = dispatch.select("expert_linear", (x, flat_weights, flat_biases, gates, metadata.sorted_token), backend)
+    return impl(x, flat_weights, flat_biases, gates, metadata), routings
 
 
 def moe_attention(

@@ -239,6 +239,7 @@ def grouped_ffn(
     b2: torch.Tensor | None,
     expert_offsets: torch.Tensor,
     activation: str = "gelu",
+    recompute_hidden: bool = False,
 ) -> torch.Tensor:
     """Per-expert ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``.
 
@@ -250,3 +251,91 @@ def grouped_ffn(
     hidden = ACTIVATIONS[activation](grouped_linear(x_sorted.to(cdt), w1, b1, expert_offsets))
     return grouped_linear(hidden, w2, b2, expert_offsets).to(x_sorted.dtype)
 
+
+def expert_linear(x, weight, bias, gates, metadata: RoutingMetadata):
+    """The expert half of moe_linear: permute -> grouped_linear -> unpermute (weighted combine).
+
+    x: (T, in). gates: (T, k), or (T, G, k) when the metadata routes G groups of k ranks per token
+    (then expert ids of group g are offset by g * E, the fused Q/K/V layout); returns (T, out), or
+    (T, G, out) combined group by group.
+    """
+    y_sorted = grouped_linear(permute(x, metadata), weight, bias, metadata.expert_offsets)
+    return _combine_groups(y_sorted, gates, metadata)
+
+
+def expert_ffn(x, w1, b1, w2, b2, gates, metadata: RoutingMetadata, activation="gelu", recompute_hidden=False):
+    """The expert half of moe_ffn: permute -> grouped_ffn -> unpermute. gates: (T, k)."""
+    y_sorted = grouped_ffn(permute(x, metadata), w1, b1, w2, b2, metadata.expert_offsets, activation)
+    return _combine_groups(y_sorted, gates, metadata)
+
+
+def _combine_groups(y_sorted, gates, metadata: RoutingMetadata):
+    k = gates.shape[-1]
+    grouped = metadata._replace(assignment_row=metadata.assignment_row.reshape(-1, k))
+    return unpermute(y_sorted, gates.reshape(-1, k), grouped).view(*gates.shape[:-1], y_sorted.shape[1])
+
+
+
+# ---- The two primitives of the grouped-GEMM kernels -----------------------------------------
+# Every kernel backend builds grouped_linear, grouped_ffn and the fused expert layers of
+# sm4/grouped.py from these two; here they are in plain PyTorch, for the kernel tests. The
+# contract is in csrc/sm4_ops.cpp (grouped_mm, grouped_weight_grad).
+
+ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def _expert_of_rows(expert_offsets: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert index (M,), active (M,)) of each sorted row."""
+    rows = torch.arange(num_rows, device=expert_offsets.device)
+    expert = torch.searchsorted(expert_offsets[1:], rows, right=True)
+    return expert.clamp_max(expert_offsets.numel() - 2), rows < expert_offsets[-1]
+
+
+def grouped_mm(a, weight, bias, expert_offsets, gather_index=None, scatter_index=None, scatter_scale=None,
+               num_out_rows=None, transpose_weight=False, activation=0, save_preact=False):
+    """The grouped_mm primitive (csrc/sm4_ops.cpp): out[scatter(i)] = act(a[gather(i)] @ W_e + b_e) * scale_i.
+
+    a: (R, K). weight: (E, K, N), or (E, N, K) with transpose_weight. Returns (out, preact) in
+    a's dtype, computed in promote(a.dtype, float32) row by row (no per-expert loop needed here).
+    """
+    cdt = compute_dtype(a.dtype)
+    rows = a if gather_index is None else a[gather_index]
+    num_rows = rows.shape[0]
+    w = weight.transpose(1, 2) if transpose_weight else weight
+    expert, active = _expert_of_rows(expert_offsets, num_rows)
+    pre = torch.einsum("mk,mkn->mn", rows.to(cdt), w.to(cdt)[expert]) if num_rows else rows.new_zeros(0, w.shape[2], dtype=cdt)
+    if bias is not None:
+        pre = pre + bias.to(cdt)[expert]
+    pre = torch.where(active[:, None], pre, 0.0)
+    y = pre if activation == 0 else ACTIVATIONS[("gelu", "gelu_tanh")[activation - 1]](pre)
+    if scatter_scale is not None:
+        y = y * scatter_scale.to(cdt)[:, None]
+    y = torch.where(active[:, None], y, 0.0)
+    out_rows = num_rows if num_out_rows is None else num_out_rows
+    out = y.new_zeros(out_rows, y.shape[1])
+    if scatter_index is None:
+        out[:num_rows] = y
+    else:
+        target = torch.where(active, scatter_index, out_rows)  # inactive rows go to a dropped row
+        out = torch.cat([out, out.new_zeros(1, y.shape[1])]).index_copy(0, target[active], y[active])[:out_rows]
+    preact = pre.to(a.dtype) if save_preact and activation != 0 else a.new_zeros(0, y.shape[1])
+    return out.to(a.dtype), preact
+
+
+def grouped_weight_grad(a, grad, expert_offsets, a_index=None, grad_index=None, compute_bias=True):
+    """The grouped_weight_grad primitive: per-expert ``a_rows^T @ grad_rows`` and ``sum(grad_rows)``.
+
+    a: (R, K). grad: (R', N). Returns grad_weight (E, K, N) and grad_bias (E, N) (or (0, N)) in
+    a's dtype.
+    """
+    cdt = compute_dtype(a.dtype)
+    a_rows = (a if a_index is None else a[a_index]).to(cdt)
+    g_rows = (grad if grad_index is None else grad[grad_index]).to(cdt)
+    num_experts = expert_offsets.numel() - 1
+    expert, active = _expert_of_rows(expert_offsets, a_rows.shape[0])
+    g_rows = torch.where(active[:, None], g_rows, 0.0)
+    a_rows = torch.where(active[:, None], a_rows, 0.0)
+    grad_weight = a_rows.new_zeros(num_experts, a_rows.shape[1], g_rows.shape[1])
+    grad_weight.index_add_(0, expert, a_rows[:, :, None] * g_rows[:, None, :])
+    grad_bias = g_rows.new_zeros(num_experts, g_rows.shape[1]).index_add_(0, expert, g_rows) if compute_bias else g_rows.new_zeros(0, g_rows.shape[1])
+    return grad_weight.to(a.dtype), grad_bias.to(a.dtype)

@@ -46,3 +46,9 @@ if _extension.LOAD_ERROR is None:
         IMPLEMENTATIONS["routing_metadata"] = (("routing_metadata",), permutation.routing_metadata)
         IMPLEMENTATIONS["permute"] = (("permute", "permute_backward"), permutation.permute)
         IMPLEMENTATIONS["unpermute"] = (("unpermute", "unpermute_backward"), permutation.unpermute)
+
+    if _declared("grouped_mm", "grouped_weight_grad"):
+        from . import grouped_gemm
+
+        for _op in ("grouped_linear", "grouped_ffn", "expert_linear", "expert_ffn"):
+            IMPLEMENTATIONS[_op] = (("grouped_mm", "grouped_weight_grad"), grouped_gemm.OPS[_op])

@@ -1,0 +1,177 @@
+"""The expert layers of every kernel backend, built once from its two grouped-GEMM primitives.
+
+A backend (cpu, cuda, triton) supplies ``grouped_mm`` and ``grouped_weight_grad`` (contract in
+csrc/sm4_ops.cpp; plain-PyTorch truth in sm4/reference.py). This module turns them into
+differentiable layers, as ScatterMoE does, with the backward written out:
+
+    unfused (x already in expert order, the public grouped_linear / grouped_ffn):
+        x_sorted (N, in) --GEMM--> y_sorted (N, out)
+    fused (the fast path of moe_linear / moe_ffn; no x_sorted copy is made):
+        x (T, in) --gather rows in the GEMM prologue--> GEMM --scatter in the epilogue-->
+        expert outputs in token order (T * k, out) --combine: weighted sum over each token's k rows--> (T, out)
+
+Backward (per GEMM ``out = act(a @ W + b)``): dA is a grouped GEMM on the transposed weights
+(fused: scattered back to token order, then summed over the k rows of each token), dW and db are
+per-expert reductions (grouped_weight_grad), d-gates are row dot products in the combine. Every
+reduction has a fixed order: results are deterministic.
+
+FFN memory: by default the forward saves the pre-activation hidden layer (N x h elements, in x's
+dtype) for the backward. ``recompute_hidden=True`` saves nothing extra and recomputes it with one
+more grouped GEMM in the backward: that trades 1/3 more backward FLOPs of the first layer for
+N * h elements of activation memory (at T = 16384, k = 2, h = 14336 in bf16: 0.9 GiB per layer).
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .reference import ACTIVATION_CODES
+from .types import RoutingMetadata
+
+
+class GroupedKernels(NamedTuple):
+    """A backend's grouped-GEMM primitives, with sm4.reference.grouped_mm's signatures."""
+
+    grouped_mm: object
+    grouped_weight_grad: object
+
+
+def _sum_token_rows(rows: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(T * k, d) token-order rows -> (T, d), the k rows of each token summed in fp32 (in order)."""
+    k = rows.shape[0] // max(tokens, 1)
+    if k == 1:
+        return rows
+    summed = rows.view(tokens, k, rows.shape[1]).sum(1, dtype=torch.promote_types(rows.dtype, torch.float32))
+    return summed.to(rows.dtype)
+
+
+def make_layers(kernels: GroupedKernels):
+    """(expert_linear_rows, expert_ffn_rows): the differentiable grouped layers of one backend.
+
+    Both take ``x`` and the GEMM index pair: ``gather`` (M,) reads row gather[i] of x for sorted
+    row i, ``scatter`` (M,) writes its output to row scatter[i] of a (num_out_rows, out) result.
+    None/None is the unfused layer over x_sorted. In the fused layer gather = scatter // k (the
+    token of each assignment), which the backward relies on to sum a token's k input gradients.
+    """
+    grouped_mm, weight_grad = kernels
+
+    def input_grad(grad_rows, weight, offsets, scatter, tokens, read_index):
+        """dA of ``a @ W``: grad rows (read through read_index) times W^T, back to a's rows."""
+        if scatter is None:
+            return grouped_mm(grad_rows, weight, None, offsets, gather_index=read_index, transpose_weight=True)[0]
+        token_rows = grouped_mm(grad_rows, weight, None, offsets, gather_index=read_index, scatter_index=scatter,
+                                num_out_rows=scatter.shape[0], transpose_weight=True)[0]
+        return _sum_token_rows(token_rows, tokens)
+
+    class ExpertLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, offsets, gather, scatter, num_out_rows):
+            out, _ = grouped_mm(x, weight, bias, offsets, gather_index=gather, scatter_index=scatter,
+                                num_out_rows=num_out_rows)
+            ctx.save_for_backward(x, weight, offsets, gather, scatter)
+            ctx.has_bias = bias is not None
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, weight, offsets, gather, scatter = ctx.saved_tensors
+            grad_out = grad_out.contiguous()
+            grad_x = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                # Rows of the output are at scatter[i] (token order) or i; so are their gradients.
+                grad_x = input_grad(grad_out, weight, offsets, scatter if gather is not None else None, x.shape[0], scatter)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                want_bias = ctx.has_bias and ctx.needs_input_grad[2]
+                grad_weight, grad_bias = weight_grad(x, grad_out, offsets, a_index=gather, grad_index=scatter,
+                                                     compute_bias=want_bias)
+                grad_bias = grad_bias if want_bias else None
+            return grad_x, grad_weight, grad_bias, None, None, None, None
+
+    class ExpertFFN(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w1, b1, w2, b2, offsets, gather, scatter, num_out_rows, activation, recompute_hidden):
+            # The pre-activation is written out only when a backward will read it.
+            save = not recompute_hidden and any(ctx.needs_input_grad)
+            hidden, pre = grouped_mm(x, w1, b1, offsets, gather_index=gather, activation=ACTIVATION_CODES[activation],
+                                     save_preact=save)
+            out, _ = grouped_mm(hidden, w2, b2, offsets, scatter_index=scatter, num_out_rows=num_out_rows)
+            ctx.save_for_backward(x, w1, b1, w2, offsets, gather, scatter, pre if save else None)
+            ctx.has_bias = (b1 is not None, b2 is not None)
+            ctx.activation = activation
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, w1, b1, w2, offsets, gather, scatter, pre = ctx.saved_tensors
+            grad_out = grad_out.contiguous()
+            if pre is None:  # recompute_hidden: one more GEMM instead of keeping N x h elements
+                pre = grouped_mm(x, w1, b1, offsets, gather_index=gather)[0]
+            approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
+            hidden = F.gelu(pre, approximate=approximate)
+            grad_hidden = grouped_mm(grad_out, w2, None, offsets, gather_index=scatter, transpose_weight=True)[0]
+            need = ctx.needs_input_grad
+            grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+            if need[3] or need[4]:
+                grad_w2, grad_b2 = weight_grad(hidden, grad_out, offsets, grad_index=scatter, compute_bias=ctx.has_bias[1])
+            grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre, approximate=approximate)
+            if need[0]:
+                grad_x = input_grad(grad_pre, w1, offsets, scatter if gather is not None else None, x.shape[0], None)
+            if need[1] or need[2]:
+                grad_w1, grad_b1 = weight_grad(x, grad_pre, offsets, a_index=gather, compute_bias=ctx.has_bias[0])
+            return (grad_x, grad_w1, grad_b1 if ctx.has_bias[0] else None, grad_w2, grad_b2 if ctx.has_bias[1] else None,
+                    None, None, None, None, None, None)
+
+    def expert_linear_rows(x, weight, bias, offsets, gather=None, scatter=None, num_out_rows=None):
+        rows = x.shape[0] if num_out_rows is None else num_out_rows
+        return ExpertLinear.apply(x.contiguous(), _as(weight, x), _as(bias, x), offsets, gather, scatter, rows)
+
+    def expert_ffn_rows(x, w1, b1, w2, b2, offsets, activation, recompute_hidden, gather=None, scatter=None, num_out_rows=None):
+        rows = x.shape[0] if num_out_rows is None else num_out_rows
+        return ExpertFFN.apply(x.contiguous(), _as(w1, x), _as(b1, x), _as(w2, x), _as(b2, x), offsets, gather, scatter,
+                               rows, activation, recompute_hidden)
+
+    return expert_linear_rows, expert_ffn_rows
+
+
+def _as(parameter, x):
+    """The kernels take weights in x's dtype, contiguous (the cast and copy are differentiable)."""
+    return None if parameter is None else parameter.to(x.dtype).contiguous()
+
+
+def combine(token_rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's k expert outputs: (T * k, d) rows and (T, k) gates -> (T, d).
+
+    Computed in promote(dtype, fp32) and returned in the rows' dtype. Inactive ranks have zero
+    rows and zero gates, so they add exactly zero. d-gates are the row dot products.
+    """
+    tokens, k = gates.shape
+    cdt = torch.promote_types(token_rows.dtype, torch.float32)
+    rows = token_rows.view(tokens, k, token_rows.shape[1]).to(cdt)
+    return torch.bmm(gates.to(cdt).unsqueeze(1), rows).squeeze(1).to(token_rows.dtype)
+
+
+def make_backend_ops(kernels: GroupedKernels) -> dict:
+    """The sm4.ops entry points (grouped_linear, grouped_ffn, expert_linear, expert_ffn) of a backend."""
+    expert_linear_rows, expert_ffn_rows = make_layers(kernels)
+
+    def grouped_linear(x_sorted, weight, bias, expert_offsets):
+        return expert_linear_rows(x_sorted, weight, bias, expert_offsets)
+
+    def grouped_ffn(x_sorted, w1, b1, w2, b2, expert_offsets, activation="gelu", recompute_hidden=False):
+        return expert_ffn_rows(x_sorted, w1, b1, w2, b2, expert_offsets, activation, recompute_hidden)
+
+    def expert_linear(x, weight, bias, gates, metadata: RoutingMetadata):
+        # gates (T, k), or (T, G, k) for G routings over one x in one launch (the fused Q/K/V):
+        # each token's rows are then G groups of k, combined group by group.
+        rows = expert_linear_rows(x, weight, bias, metadata.expert_offsets, metadata.sorted_token,
+                                  metadata.sorted_assignment, metadata.sorted_assignment.shape[0])
+        return combine(rows, gates.reshape(-1, gates.shape[-1])).view(*gates.shape[:-1], rows.shape[1])
+
+    def expert_ffn(x, w1, b1, w2, b2, gates, metadata: RoutingMetadata, activation="gelu", recompute_hidden=False):
+        rows = expert_ffn_rows(x, w1, b1, w2, b2, metadata.expert_offsets, activation, recompute_hidden,
+                               metadata.sorted_token, metadata.sorted_assignment, metadata.sorted_assignment.shape[0])
+        return combine(rows, gates)
+
+    return {"grouped_linear": grouped_linear, "grouped_ffn": grouped_ffn, "expert_linear": expert_linear,
+            "expert_ffn": expert_ffn}
