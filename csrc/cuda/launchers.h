@@ -86,3 +86,47 @@ cudaError_t launch_unpermute_backward(const void* grad_y, const void* y_sorted, 
                                       void* grad_sorted, float* grad_gates, cudaStream_t stream);
 
 }  // namespace sm4::cuda
+
+namespace sm4::cuda {
+
+// ---- grouped GEMM (grouped_gemm.cu) ----
+// Contracts: csrc/sm4_ops.cpp (grouped_mm, grouped_weight_grad). All tensors contiguous, on the
+// device of the stream; the expert offsets are only read on the device (no host sync).
+
+// int64 elements of the scratch buffer launch_grouped_mm needs (the per-expert tile schedule).
+int64_t grouped_mm_workspace_elements(int64_t num_experts);
+
+struct GroupedMmArgs {
+  const void* a = nullptr;                 // (a_rows, K) of `type`
+  const void* weight = nullptr;            // (E, K, N), or (E, N, K) when transpose_weight; `type`
+  const void* bias = nullptr;              // (E, N) of `type`, or null
+  const int64_t* expert_offsets = nullptr; // (E + 1,)
+  const int64_t* gather_index = nullptr;   // (M,): row of a read for sorted row i; null: row i
+  const int64_t* scatter_index = nullptr;  // (M,): row of out written by sorted row i; null: row i
+  const float* scatter_scale = nullptr;    // (M,) fp32, or null (scale 1)
+  void* out = nullptr;                     // (num_out_rows, N) of `type`; need not be initialised
+  void* preact = nullptr;                  // (M, N) of `type`, or null (not saved)
+  int64_t* workspace = nullptr;            // grouped_mm_workspace_elements(E) int64
+  FloatType type = FloatType::kFloat32;
+  int64_t a_rows = 0, M = 0, K = 0, N = 0, E = 0, num_out_rows = 0;
+  bool transpose_weight = false;
+  int activation = 0;                      // 0 none, 1 GELU (erf), 2 GELU (tanh)
+};
+// Writes every element of out (zeros where no active row lands) and of preact when given.
+cudaError_t launch_grouped_mm(const GroupedMmArgs& args, cudaStream_t stream);
+
+struct GroupedWeightGradArgs {
+  const void* a = nullptr;                 // (a_rows, K) of `type`
+  const void* grad = nullptr;              // (grad_rows, N) of `type`
+  const int64_t* expert_offsets = nullptr; // (E + 1,)
+  const int64_t* a_index = nullptr;        // (M,) or null (row i)
+  const int64_t* grad_index = nullptr;     // (M,) or null (row i)
+  void* grad_weight = nullptr;             // (E, K, N) of `type`; need not be initialised
+  void* grad_bias = nullptr;               // (E, N) of `type`, or null (not computed)
+  FloatType type = FloatType::kFloat32;
+  int64_t a_rows = 0, grad_rows = 0, M = 0, K = 0, N = 0, E = 0;
+};
+// Writes every element of grad_weight and grad_bias (fixed summation order: deterministic).
+cudaError_t launch_grouped_weight_grad(const GroupedWeightGradArgs& args, cudaStream_t stream);
+
+}  // namespace sm4::cuda
