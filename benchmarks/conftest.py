@@ -13,7 +13,10 @@ import torch
 
 import sm4
 
-_reference_seconds: dict[str, float] = {}
+# Median seconds of the baselines measured earlier in the run, by "op/shape": the reference
+# backend, and the other named baselines (a plain per-expert loop, a dense matmul).
+BASELINES = ("reference", "plain_loop", "dense_mm")
+_baseline_seconds: dict[str, dict[str, float]] = {name: {} for name in BASELINES}
 
 
 def _sync(device):
@@ -72,9 +75,10 @@ def record(benchmark, roofline, device):
             fraction_of_copy_roofline=bytes_moved / seconds / 1e9 / roofline["copy_GBps"],
         )
         key = f"{op}/{shape_name}"
-        if backend == "reference":
-            _reference_seconds[key] = seconds
-        elif key in _reference_seconds:
-            info["speedup_over_reference"] = _reference_seconds[key] / seconds
+        if backend in BASELINES:
+            _baseline_seconds[backend][key] = seconds
+        for name, measured in _baseline_seconds.items():
+            if backend != name and key in measured:
+                info[f"speedup_over_{name}"] = measured[key] / seconds
 
     return _record

@@ -11,7 +11,8 @@ The contract is csrc/sm4_ops.cpp (grouped_mm, grouped_weight_grad); sm4/referenc
     grouped_weight_grad: a (R, K), grad (R', N), expert_offsets (E + 1,), a_index / grad_index (M,) or None
                          -> grad_weight (E, K, N), grad_bias (E, N) or (0, N)
 
-grouped_mm. The grid is (cdiv(rows, BLOCK_M) + E, cdiv(N, BLOCK_N)), an upper bound on the row
+grouped_mm. The grid is (cdiv(rows, BLOCK_M) + E) x cdiv(N, BLOCK_N) programs (one axis, in
+groups of GROUP_M row tiles that sweep the N tiles, for L2 reuse); the first factor bounds the row
 tiles: expert e owns cdiv(count_e, BLOCK_M) tiles, their exclusive prefix ``tile_start`` (E + 1,)
 is computed on the device with torch ops (no host sync: expert_offsets is never read on the
 host), and program t finds its expert by a binary search over tile_start (bit_length(E) steps, a
@@ -24,7 +25,8 @@ expert_offsets[E] on the device: out rows [A, num_out_rows) without scatter (wit
 allocated zeroed) and preact rows [A, M). Since sum_e cdiv(count_e, B) + cdiv(R - A, B) <=
 cdiv(R, B) + E for R >= A, the grid always has enough programs for both.
 
-grouped_weight_grad. The grid is (E, cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)): a program owns one
+grouped_weight_grad. The grid is E x cdiv(K, BLOCK_K) x cdiv(N, BLOCK_N) programs (one axis, the
+expert slowest, so that the programs running together share its rows in L2): a program owns one
 (BLOCK_K, BLOCK_N) tile of one expert's gradient and loops over that expert's rows (bounds read
 from expert_offsets on the device) in BLOCK_M steps, accumulating a_rows^T @ grad_rows in fp32
 and, for the bias, the column sums of grad_rows; the result is written once. Fixed order, no
@@ -38,7 +40,8 @@ form written as x * sigmoid(2u)) and scale are applied in fp32 before the one ro
 
 Interpreter (CPU tensors, TRITON_INTERPRET=1). Its bf16 dot is wrong, so tiles are upcast to fp32
 before the dot there (equivalent: 16-bit products are exact in fp32), and its fp32 -> bf16 cast
-may truncate rather than round (1 ulp). Triton 3.6's interpreter cannot take a loop bound from a
+truncates rather than rounds, so there the kernels round to nearest-even by hand first
+(``_to_output``; on GPUs the cast itself rounds). Triton 3.6's interpreter cannot take a loop bound from a
 runtime value, so the K loop has a compile-time trip count (K is fixed per layer) and the weight
 gradient's row loop is a ``while`` loop there (a ``for`` on GPUs, where Triton pipelines it).
 All row * stride products are int64.
@@ -64,6 +67,16 @@ def _tile_dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _to_output(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 -> the output dtype, rounded to nearest-even (by hand for bf16 in the interpreter)."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)  # now exactly representable: the cast below is exact
+    return x.to(dtype)
+
+
+@triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         x = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
@@ -77,15 +90,22 @@ def _activation(x, ACTIVATION: tl.constexpr):
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr, w_ptr, bias_ptr, offsets_ptr, tile_start_ptr, gather_ptr, scatter_ptr, scale_ptr, out_ptr, preact_ptr,
-    num_rows, num_out_rows, num_experts, K, N,
+    num_rows, num_out_rows, num_experts, num_row_tiles, K, N,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_pm,
     HAS_BIAS: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_SCATTER: tl.constexpr, HAS_SCALE: tl.constexpr,
     ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, SEARCH_STEPS: tl.constexpr, K_TILES: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # 1-D grid of num_row_tiles x cdiv(N, BLOCK_N) programs, in groups of GROUP_M row tiles that
+    # walk all N tiles (the A rows and the expert's weight stay in L2 across the group).
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * col_tiles
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_mask = cols < N
     total_tiles = tl.load(tile_start_ptr + num_experts)
@@ -142,7 +162,7 @@ def _grouped_mm_kernel(
         acc += bias.to(tl.float32)[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     if SAVE_PREACT:
-        tl.store(preact_ptr + rows[:, None] * stride_pm + cols[None, :], acc.to(preact_ptr.dtype.element_ty), mask=mask)
+        tl.store(preact_ptr + rows[:, None] * stride_pm + cols[None, :], _to_output(acc, preact_ptr.dtype.element_ty, UPCAST), mask=mask)
     y = _activation(acc, ACTIVATION)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
@@ -151,7 +171,7 @@ def _grouped_mm_kernel(
         dst_rows = tl.load(scatter_ptr + rows, mask=row_mask, other=0)
     else:
         dst_rows = rows
-    tl.store(out_ptr + dst_rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + dst_rows[:, None] * stride_om + cols[None, :], _to_output(y, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -186,9 +206,13 @@ def _grouped_weight_grad_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    expert = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    # 1-D grid, the expert slowest: the programs running together share the expert's rows in L2.
+    pid = tl.program_id(0)
+    k_tiles = tl.maximum(tl.cdiv(K, BLOCK_K), 1)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    expert = (pid // (k_tiles * n_tiles)).to(tl.int64)
+    pid_k = (pid % (k_tiles * n_tiles)) // n_tiles
+    pid_n = pid % n_tiles
     ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     k_mask = ks < K
@@ -209,11 +233,11 @@ def _grouped_weight_grad_kernel(
             acc, bias_acc = _weight_grad_step(acc, bias_acc, row_start, row_end, a_ptr, g_ptr, a_index_ptr, g_index_ptr,
                                               ks, k_mask, cols, col_mask, stride_am, stride_ak, stride_gm, stride_gn,
                                               HAS_A_INDEX, HAS_G_INDEX, COMPUTE_BIAS, UPCAST, PRECISION, BLOCK_M)
-    tl.store(grad_weight_ptr + expert * K * N + ks[:, None] * N + cols[None, :], acc.to(grad_weight_ptr.dtype.element_ty),
+    tl.store(grad_weight_ptr + expert * K * N + ks[:, None] * N + cols[None, :], _to_output(acc, grad_weight_ptr.dtype.element_ty, UPCAST),
              mask=k_mask[:, None] & col_mask[None, :])
     if COMPUTE_BIAS:
         if pid_k == 0:
-            tl.store(grad_bias_ptr + expert * N + cols, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=col_mask)
+            tl.store(grad_bias_ptr + expert * N + cols, _to_output(bias_acc, grad_bias_ptr.dtype.element_ty, UPCAST), mask=col_mask)
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -241,12 +265,12 @@ def _mm_config(num_rows: int, num_experts: int, k: int, n: int, dtype: torch.dty
     """Tile sizes: small in the interpreter (CPU tensors), tensor-core sized on GPUs."""
     if device.type == "cpu":
         block_m = 32 if num_rows >= 32 * max(num_experts, 1) else 16
-        return dict(BLOCK_M=block_m, BLOCK_N=_pow2_block(n, 16, 64), BLOCK_K=_pow2_block(k, 16, 64))
+        return dict(BLOCK_M=block_m, BLOCK_N=_pow2_block(n, 16, 64), BLOCK_K=_pow2_block(k, 16, 64), GROUP_M=4)
     block_m = 128 if num_rows >= 128 * max(num_experts, 1) else 64  # padding waste vs tile efficiency
     block_n = _pow2_block(n, 16, 128)
     block_k = _pow2_block(k, 16, 64 if dtype != torch.float32 else 32)
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                 num_stages=4 if dtype != torch.float32 else 3)
 
 
@@ -295,8 +319,9 @@ def grouped_mm_op(
     # Programs: every row tile (sum_e cdiv(count_e, BLOCK_M) <= cdiv(num_rows, BLOCK_M) + E) plus the
     # zeroing of the unwritten rows (see the module docstring for the bound).
     covered_rows = num_rows if scatter_index is not None else num_out_rows
-    grid = (triton.cdiv(covered_rows, block_m) + num_experts, triton.cdiv(n, cfg["BLOCK_N"]))
-    if grid[0] == 0 or grid[1] == 0:
+    row_tiles = triton.cdiv(covered_rows, block_m) + num_experts
+    grid = (row_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
+    if grid[0] == 0:
         return out, preact
     offsets = expert_offsets.contiguous()
     counts = offsets[1:] - offsets[:-1]
@@ -309,7 +334,7 @@ def grouped_mm_op(
         scatter_index.contiguous() if scatter_index is not None else dummy,
         scatter_scale.contiguous() if scatter_scale is not None else dummy,
         out, preact if keep_preact else out,
-        num_rows, num_out_rows, num_experts, k, n,
+        num_rows, num_out_rows, num_experts, row_tiles, k, n,
         a.stride(0), a.stride(1), weight.stride(0), stride_wk, stride_wn, out.stride(0), preact.stride(0) if keep_preact else 0,
         HAS_BIAS=bias is not None, HAS_GATHER=gather_index is not None, HAS_SCATTER=scatter_index is not None,
         HAS_SCALE=scatter_scale is not None, ACTIVATION=activation, SAVE_PREACT=keep_preact,
@@ -345,8 +370,8 @@ def grouped_weight_grad_op(
     cfg = _weight_grad_config(num_experts, k, n, a.dtype, a.device)
     # With K = 0 one column of programs still sums the bias.
     k_programs = max(triton.cdiv(k, cfg["BLOCK_K"]), 1 if compute_bias else 0)
-    grid = (num_experts, k_programs, triton.cdiv(n, cfg["BLOCK_N"]))
-    if 0 in grid:
+    grid = (num_experts * k_programs * triton.cdiv(n, cfg["BLOCK_N"]),)
+    if grid[0] == 0:
         return grad_weight, grad_bias
     offsets = expert_offsets.contiguous()
     _grouped_weight_grad_kernel[grid](
@@ -385,12 +410,12 @@ def grouped_weight_grad(a, grad, expert_offsets, a_index=None, grad_index=None, 
 _MM_SIGNATURE = {
     "a_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "offsets_ptr": "*i64", "tile_start_ptr": "*i32",
     "gather_ptr": "*i64", "scatter_ptr": "*i64", "scale_ptr": "*fp32", "out_ptr": "*bf16", "preact_ptr": "*bf16",
-    "num_rows": "i32", "num_out_rows": "i32", "num_experts": "i32", "K": "i32", "N": "i32",
+    "num_rows": "i32", "num_out_rows": "i32", "num_experts": "i32", "num_row_tiles": "i32", "K": "i32", "N": "i32",
     "stride_am": "i32", "stride_ak": "constexpr", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "constexpr",
     "stride_om": "i32", "stride_pm": "i32",
 }
 _MM_CONSTEXPRS = ("HAS_BIAS", "HAS_GATHER", "HAS_SCATTER", "HAS_SCALE", "ACTIVATION", "SAVE_PREACT", "SEARCH_STEPS",
-                  "K_TILES", "EVEN_K", "UPCAST", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+                  "K_TILES", "EVEN_K", "UPCAST", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _WG_SIGNATURE = {
     "a_ptr": "*bf16", "g_ptr": "*bf16", "offsets_ptr": "*i64", "a_index_ptr": "*i64", "g_index_ptr": "*i64",
     "grad_weight_ptr": "*bf16", "grad_bias_ptr": "*bf16", "num_rows": "i32", "K": "i32", "N": "i32",
@@ -409,22 +434,22 @@ GPU_COMPILE_CHECKS = [
     (_grouped_mm_kernel, {**_MM_SIGNATURE, **{c: "constexpr" for c in _MM_CONSTEXPRS}},
      dict(stride_ak=1, stride_wn=1, HAS_BIAS=True, HAS_GATHER=True, HAS_SCATTER=False, HAS_SCALE=False, ACTIVATION=1,
           SAVE_PREACT=True, SEARCH_STEPS=7, K_TILES=16, EVEN_K=True, UPCAST=False, PRECISION="tf32",
-          BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
+          BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)),
     # bf16 down-projection with the gate-scaled scatter, transposed weight (unit stride along K), odd K.
     (_grouped_mm_kernel, {**_MM_SIGNATURE, "stride_wk": "constexpr", "stride_wn": "i32",
                           **{c: "constexpr" for c in _MM_CONSTEXPRS}},
      dict(stride_ak=1, stride_wk=1, HAS_BIAS=False, HAS_GATHER=False, HAS_SCATTER=True, HAS_SCALE=True, ACTIVATION=0,
           SAVE_PREACT=False, SEARCH_STEPS=3, K_TILES=7, EVEN_K=False, UPCAST=False, PRECISION="tf32",
-          BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
+          BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)),
     # fp32, GELU tanh, exact fp32 products; and the TF32 variant.
     (_grouped_mm_kernel, {**_fp32(_MM_SIGNATURE), **{c: "constexpr" for c in _MM_CONSTEXPRS}},
      dict(stride_ak=1, stride_wn=1, HAS_BIAS=True, HAS_GATHER=True, HAS_SCATTER=True, HAS_SCALE=True, ACTIVATION=2,
           SAVE_PREACT=True, SEARCH_STEPS=4, K_TILES=9, EVEN_K=False, UPCAST=False, PRECISION="ieee",
-          BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)),
+          BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)),
     (_grouped_mm_kernel, {**_fp32(_MM_SIGNATURE), **{c: "constexpr" for c in _MM_CONSTEXPRS}},
      dict(stride_ak=1, stride_wn=1, HAS_BIAS=False, HAS_GATHER=False, HAS_SCATTER=False, HAS_SCALE=False, ACTIVATION=0,
           SAVE_PREACT=False, SEARCH_STEPS=11, K_TILES=32, EVEN_K=True, UPCAST=False, PRECISION="tf32",
-          BLOCK_M=128, BLOCK_N=128, BLOCK_K=32)),
+          BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)),
     (_grouped_weight_grad_kernel, {**_WG_SIGNATURE, **{c: "constexpr" for c in _WG_CONSTEXPRS}},
      dict(stride_ak=1, stride_gn=1, HAS_A_INDEX=True, HAS_G_INDEX=False, COMPUTE_BIAS=True, UPCAST=False, PRECISION="tf32",
           WHILE_LOOP=False, BLOCK_M=64, BLOCK_K=128, BLOCK_N=128)),

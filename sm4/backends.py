@@ -131,7 +131,8 @@ def _triton_availability() -> str | None:
 
 
 def _triton_kernels() -> dict[str, Callable]:
-    from .kernels import expert_histogram, permutation, topk_gating
+    from .grouped import GroupedKernels, make_backend_ops
+    from .kernels import expert_histogram, grouped_gemm, permutation, topk_gating
 
     return {
         "expert_histogram": expert_histogram.expert_histogram,
@@ -139,6 +140,7 @@ def _triton_kernels() -> dict[str, Callable]:
         "routing_metadata": permutation.routing_metadata,
         "permute": permutation.permute,
         "unpermute": permutation.unpermute,
+        **make_backend_ops(GroupedKernels(grouped_gemm.grouped_mm, grouped_gemm.grouped_weight_grad)),
     }
 
 

@@ -247,7 +247,7 @@ def test_expert_linear_fused_and_gradients(backend, case, dtype):
     skip_unless_runs(backend, "expert_linear")
     x, gates, meta = moe_case(**MOE_CASES[case])
     experts = meta.expert_counts.numel()
-    inputs = [x.to(dtype), randn(experts, 13, 7, seed=2, dtype=dtype) / 3, randn(experts, 7, seed=3, dtype=dtype), gates]
+    inputs = [x.to(dtype), randn(experts, 13, 7, seed=2, dtype=dtype) / 3, randn(experts, 7, seed=3, dtype=dtype), gates.float()]
     grad_out = randn(x.shape[0], 7, seed=4)
     device = kernel_device(backend)
     dmeta = metadata_to(meta, device)
@@ -272,7 +272,7 @@ def test_expert_ffn_fused_and_gradients(backend, case, dtype):
     x, gates, meta = moe_case(**MOE_CASES[case])
     experts, d, h = meta.expert_counts.numel(), 13, 17
     inputs = [x.to(dtype), randn(experts, d, h, seed=2, dtype=dtype) / 3, randn(experts, h, seed=3, dtype=dtype),
-              randn(experts, h, d, seed=4, dtype=dtype) / 4, randn(experts, d, seed=5, dtype=dtype), gates]
+              randn(experts, h, d, seed=4, dtype=dtype) / 4, randn(experts, d, seed=5, dtype=dtype), gates.float()]
     grad_out = randn(x.shape[0], d, seed=6)
     device = kernel_device(backend)
     dmeta = metadata_to(meta, device)
@@ -356,8 +356,8 @@ def test_non_contiguous_weights(backend):
     stored = randn(5, 7, 13, seed=2).float().to(device)  # (E, out, in): its transpose is a view
     weight = stored.transpose(1, 2)
     assert not weight.is_contiguous()
-    got = ops.expert_linear(x.float().to(device), weight, None, gates.to(device), metadata_to(meta, device), backend=backend)
-    want = ops.expert_linear(x.float(), weight.contiguous().cpu(), None, gates, meta, backend="reference")
+    got = ops.expert_linear(x.float().to(device), weight, None, gates.float().to(device), metadata_to(meta, device), backend=backend)
+    want = ops.expert_linear(x.float(), weight.contiguous().cpu(), None, gates.float(), meta, backend="reference")
     torch.testing.assert_close(got.cpu(), want, **TOLERANCES[torch.float32])
 
 

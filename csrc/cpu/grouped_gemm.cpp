@@ -12,7 +12,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+
+#include <cstring>
 #include <torch/library.h>
 
 #include <vector>
@@ -48,10 +52,18 @@ std::vector<WorkItem> plan_work(const at::Tensor& expert_offsets, int64_t num_ex
   return items;
 }
 
-// Rows [first, first + count) of the sorted order, read through the index when there is one.
-at::Tensor sorted_rows(const at::Tensor& source, const c10::optional<at::Tensor>& index, int64_t first, int64_t count) {
+// Rows [first, first + count) of the sorted order as a contiguous (count, width) block: a view
+// when there is no index, else a copy into `buffer` (row memcpys, no at:: op per row block).
+at::Tensor sorted_rows(const at::Tensor& source, const c10::optional<at::Tensor>& index, int64_t first, int64_t count,
+                       at::Tensor& buffer) {
   if (!index) return source.narrow(0, first, count);
-  return source.index_select(0, index->narrow(0, first, count));
+  const int64_t width = source.size(1), bytes = width * source.element_size();
+  if (buffer.size(0) < count) buffer = at::empty({count, width}, source.options());
+  const char* src = static_cast<const char*>(source.data_ptr());
+  char* dst = static_cast<char*>(buffer.data_ptr());
+  const int64_t* row = index->data_ptr<int64_t>() + first;
+  for (int64_t i = 0; i < count; ++i) std::memcpy(dst + i * bytes, src + row[i] * bytes, bytes);
+  return buffer.narrow(0, 0, count);
 }
 
 void check_index(const c10::optional<at::Tensor>& index, const char* name, int64_t rows, int64_t bound, const char* op) {
@@ -116,32 +128,66 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const 
   if (items.empty() || out_features == 0) return {out, preact};
 
   const at::Tensor weights = weight.detach().contiguous();
+  // Per-expert weight views, made once (a view costs as much as a small GEMM's bookkeeping).
+  std::vector<at::Tensor> expert_weight(num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) expert_weight[e] = transpose_weight ? weights[e].t() : weights[e];
+  const at::Tensor a_rows = a.contiguous();
+  const at::Tensor gather = gather_index ? gather_index->contiguous() : at::Tensor();
+  const c10::optional<at::Tensor> gather_opt = gather_index ? c10::optional<at::Tensor>(gather) : c10::nullopt;
+  const at::Tensor scatter = scatter_index ? scatter_index->contiguous() : at::Tensor();
   const at::Tensor scale = scatter_scale ? scatter_scale->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bias_rows = bias ? bias->contiguous() : at::Tensor();
   const c10::string_view approximate = activation == 2 ? "tanh" : "none";
-  // Low precision: the epilogue (GELU, scale) runs in fp32 on the GEMM's output block.
-  const bool low_precision = a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16;
-  // The GEMM can write straight into `out` when nothing has to happen to its rows afterwards.
-  const bool direct = !scatter_index && activation == 0 && !scatter_scale;
+  // The GEMM writes straight into `out` when nothing has to happen to its rows afterwards.
+  // (A low-precision bias is added in the fp32 epilogue instead, after the GEMM's one rounding.)
+  const bool direct = !scatter_index && activation == 0 && !scatter_scale &&
+                      (!bias || a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const WorkItem& item = items[w];
-      const at::Tensor block = sorted_rows(a, gather_index, item.first_row, item.rows);
-      const at::Tensor w_e = transpose_weight ? weights[item.expert].t() : weights[item.expert];
-      if (direct) {
-        at::Tensor target = out.narrow(0, item.first_row, item.rows);
-        if (bias) at::addmm_out(target, (*bias)[item.expert], block, w_e);
-        else at::mm_out(target, block, w_e);
-        continue;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_mm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      // Per-thread workspaces, reused across this thread's items.
+      at::Tensor gathered = at::empty({0, in_features}, a.options());
+      at::Tensor product = at::empty({kRowBlock, out_features}, a.options());
+      at::Tensor epilogue = at::empty({kRowBlock, out_features}, a.options().dtype(acc_type));
+      for (int64_t w = begin; w < end; ++w) {
+        const WorkItem& item = items[w];
+        const int64_t m = item.rows, n = out_features;
+        const at::Tensor block = sorted_rows(a_rows, gather_opt, item.first_row, m, gathered);
+        const at::Tensor& w_e = expert_weight[item.expert];
+        if (direct) {
+          at::Tensor target = out.narrow(0, item.first_row, m);
+          if (bias) at::addmm_out(target, bias_rows[item.expert], block, w_e);
+          else at::mm_out(target, block, w_e);
+          continue;
+        }
+        at::Tensor gemm = product.narrow(0, 0, m);
+        at::mm_out(gemm, block, w_e);  // the library accumulates in fp32 and rounds once
+        // Epilogue in the op-math type: bias, (pre-activation saved), GELU, gate scale, cast, scatter.
+        acc_t* pre = epilogue.data_ptr<acc_t>();
+        const scalar_t* g = gemm.data_ptr<scalar_t>();
+        const scalar_t* b = bias ? bias_rows.data_ptr<scalar_t>() + item.expert * n : nullptr;
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) pre[i * n + j] = static_cast<acc_t>(g[i * n + j]) + (b ? static_cast<acc_t>(b[j]) : acc_t(0));
+        if (keep_preact) {
+          scalar_t* saved = preact.data_ptr<scalar_t>() + item.first_row * n;
+          for (int64_t i = 0; i < m * n; ++i) saved[i] = static_cast<scalar_t>(pre[i]);
+        }
+        if (activation != 0) {
+          at::Tensor rows_view = epilogue.narrow(0, 0, m);
+          at::gelu_(rows_view, approximate);  // vectorised
+        }
+        const float* gate = scatter_scale ? scale.data_ptr<float>() + item.first_row : nullptr;
+        const int64_t* target = scatter_index ? scatter.data_ptr<int64_t>() + item.first_row : nullptr;
+        scalar_t* dst = out.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < m; ++i) {
+          const acc_t factor = gate ? static_cast<acc_t>(gate[i]) : acc_t(1);
+          scalar_t* row = dst + (target ? target[i] : item.first_row + i) * n;
+          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<scalar_t>(pre[i * n + j] * factor);
+        }
       }
-      at::Tensor pre = bias ? at::addmm((*bias)[item.expert], block, w_e) : at::mm(block, w_e);
-      if (keep_preact) preact.narrow(0, item.first_row, item.rows).copy_(pre);
-      at::Tensor y = low_precision && (activation != 0 || scatter_scale) ? pre.to(at::kFloat) : pre;
-      if (activation != 0) y = at::gelu_(y, approximate);
-      if (scatter_scale) y.mul_(scale.narrow(0, item.first_row, item.rows).unsqueeze(1));
-      if (scatter_index) out.index_copy_(0, scatter_index->narrow(0, item.first_row, item.rows), y.to(a.scalar_type()));
-      else out.narrow(0, item.first_row, item.rows).copy_(y);
-    }
+    });
   });
   return {out, preact};
 }
@@ -167,24 +213,42 @@ std::tuple<at::Tensor, at::Tensor> grouped_weight_grad_cpu(const at::Tensor& a_i
   const int64_t in_features = a.size(1), out_features = grad.size(1);
   at::Tensor grad_weight = at::empty({num_experts, in_features, out_features}, a.options());
   at::Tensor grad_bias = at::empty({compute_bias ? num_experts : 0, out_features}, a.options());
-  const int64_t* offset = expert_offsets.contiguous().data_ptr<int64_t>();
-  // One expert per task: each writes only its own slice, in a fixed order (deterministic).
-  at::parallel_for(0, num_experts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      const int64_t first = offset[e], count = offset[e + 1] - offset[e];
-      at::Tensor dw = grad_weight[e];
-      if (count == 0) {
-        dw.zero_();
-        if (compute_bias) grad_bias[e].zero_();
-        continue;
+  const at::Tensor offsets = expert_offsets.contiguous();
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  const at::Tensor a_rows = a.contiguous(), grad_rows = grad.contiguous();
+  const c10::optional<at::Tensor> a_idx = a_index ? c10::optional<at::Tensor>(a_index->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> g_idx = grad_index ? c10::optional<at::Tensor>(grad_index->contiguous()) : c10::nullopt;
+  // Rows per GEMM of one expert: bounds the gather buffers; chunks accumulate in a fixed order.
+  constexpr int64_t kChunk = 8 * kRowBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_weight_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // One expert per task: each writes only its own slice (deterministic).
+    at::parallel_for(0, num_experts, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor a_buffer = at::empty({0, in_features}, a.options()), g_buffer = at::empty({0, out_features}, a.options());
+      std::vector<acc_t> bias_sum(out_features);
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t first = offset[e], count = offset[e + 1] - offset[e];
+        at::Tensor dw = grad_weight[e];
+        if (count == 0) dw.zero_();
+        std::fill(bias_sum.begin(), bias_sum.end(), acc_t(0));
+        for (int64_t chunk = 0; chunk < count; chunk += kChunk) {
+          const int64_t m = std::min(kChunk, count - chunk);
+          const at::Tensor g = sorted_rows(grad_rows, g_idx, first + chunk, m, g_buffer);
+          const at::Tensor x = sorted_rows(a_rows, a_idx, first + chunk, m, a_buffer);
+          if (chunk == 0) at::mm_out(dw, x.t(), g);
+          else dw.addmm_(x.t(), g);
+          if (compute_bias) {
+            const scalar_t* gp = g.data_ptr<scalar_t>();
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t j = 0; j < out_features; ++j) bias_sum[j] += static_cast<acc_t>(gp[i * out_features + j]);
+          }
+        }
+        if (compute_bias) {
+          scalar_t* db = grad_bias.data_ptr<scalar_t>() + e * out_features;
+          for (int64_t j = 0; j < out_features; ++j) db[j] = static_cast<scalar_t>(bias_sum[j]);
+        }
       }
-      const at::Tensor g = sorted_rows(grad, grad_index, first, count);
-      at::mm_out(dw, sorted_rows(a, a_index, first, count).t(), g);
-      if (compute_bias) {
-        at::Tensor db = grad_bias[e];
-        at::sum_out(db, g, 0, false, a.scalar_type());
-      }
-    }
+    });
   });
   return {grad_weight, grad_bias};
 }

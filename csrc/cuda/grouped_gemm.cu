@@ -528,7 +528,9 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_tc_kernel(const GradP
       __syncthreads();
       if (s + 1 < steps) load(begin + (s + 1) * RB);
       if (with_bias && tid < TN) {
-        for (int r = 0; r < RB; ++r) bias_sum += to_float(Bs[r * kLd + tid]);  // rows in order
+        float step_sum = 0.f;  // rows in order; per-step partials keep the long sum accurate
+        for (int r = 0; r < RB; ++r) step_sum += to_float(Bs[r * kLd + tid]);
+        bias_sum += step_sum;
       }
 #pragma unroll
       for (int kk = 0; kk < RB; kk += 16) {
@@ -623,7 +625,9 @@ __global__ void __launch_bounds__(kThreads) weight_grad_simt_kernel(const GradPa
       __syncthreads();
       if (s + 1 < steps) load(begin + (s + 1) * RB);
       if (with_bias && tid < TN) {
-        for (int r = 0; r < RB; ++r) bias_sum += Bs[r][tid];  // rows in order
+        float step_sum = 0.f;  // rows in order; per-step partials keep the long sum accurate
+        for (int r = 0; r < RB; ++r) step_sum += Bs[r][tid];
+        bias_sum += step_sum;
       }
 #pragma unroll
       for (int r = 0; r < RB; ++r) {
