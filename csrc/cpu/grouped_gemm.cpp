@@ -4,11 +4,12 @@
 //
 // Technique: the work is cut into (expert, row block) items, run in parallel; each item gathers
 // its rows (when there is a gather index) into a contiguous block and calls at::mm / at::addmm on
-// it (MKL or oneDNN: far faster than anything hand-written here), then runs the epilogue (GELU,
-// scale, scatter) on the block while it is still in cache. The offsets are read directly: on CPU
+// it (MKL or oneDNN: far faster than anything hand-written here) with the bias folded in, then
+// runs the epilogue (GELU, gate scale, scatter) on the block while it is still in cache; without
+// scatter the GEMM writes straight into the output rows. The offsets are read directly: on CPU
 // tensors that is a memory read, not a device sync. Low-precision inputs (fp16/bf16) go through
-// the library GEMM in their own dtype, which accumulates in fp32 and rounds once per output, as
-// plain PyTorch does; the epilogue then computes in fp32.
+// the library GEMM in their own dtype (fp32 accumulation, one rounding) and torch's GELU (fp32
+// inside), so they round as plain PyTorch does, at most once per step.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -138,53 +139,39 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const 
   const at::Tensor scale = scatter_scale ? scatter_scale->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor bias_rows = bias ? bias->contiguous() : at::Tensor();
   const c10::string_view approximate = activation == 2 ? "tanh" : "none";
-  // The GEMM writes straight into `out` when nothing has to happen to its rows afterwards.
-  // (A low-precision bias is added in the fp32 epilogue instead, after the GEMM's one rounding.)
-  const bool direct = !scatter_index && activation == 0 && !scatter_scale &&
-                      (!bias || a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
+  // Without scatter and scale, the GEMM (and GELU) write straight into out's rows.
+  const bool in_place = !scatter_index && !scatter_scale;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_mm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       // Per-thread workspaces, reused across this thread's items.
       at::Tensor gathered = at::empty({0, in_features}, a.options());
       at::Tensor product = at::empty({kRowBlock, out_features}, a.options());
-      at::Tensor epilogue = at::empty({kRowBlock, out_features}, a.options().dtype(acc_type));
       for (int64_t w = begin; w < end; ++w) {
         const WorkItem& item = items[w];
         const int64_t m = item.rows, n = out_features;
         const at::Tensor block = sorted_rows(a_rows, gather_opt, item.first_row, m, gathered);
-        const at::Tensor& w_e = expert_weight[item.expert];
-        if (direct) {
-          at::Tensor target = out.narrow(0, item.first_row, m);
-          if (bias) at::addmm_out(target, bias_rows[item.expert], block, w_e);
-          else at::mm_out(target, block, w_e);
-          continue;
-        }
-        at::Tensor gemm = product.narrow(0, 0, m);
-        at::mm_out(gemm, block, w_e);  // the library accumulates in fp32 and rounds once
-        // Epilogue in the op-math type: bias, (pre-activation saved), GELU, gate scale, cast, scatter.
-        acc_t* pre = epilogue.data_ptr<acc_t>();
-        const scalar_t* g = gemm.data_ptr<scalar_t>();
-        const scalar_t* b = bias ? bias_rows.data_ptr<scalar_t>() + item.expert * n : nullptr;
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < n; ++j) pre[i * n + j] = static_cast<acc_t>(g[i * n + j]) + (b ? static_cast<acc_t>(b[j]) : acc_t(0));
-        if (keep_preact) {
-          scalar_t* saved = preact.data_ptr<scalar_t>() + item.first_row * n;
-          for (int64_t i = 0; i < m * n; ++i) saved[i] = static_cast<scalar_t>(pre[i]);
-        }
-        if (activation != 0) {
-          at::Tensor rows_view = epilogue.narrow(0, 0, m);
-          at::gelu_(rows_view, approximate);  // vectorised
-        }
+        // GEMM with the bias folded in (the library adds it before its one rounding).
+        at::Tensor y = in_place ? out.narrow(0, item.first_row, m) : product.narrow(0, 0, m);
+        if (bias) at::addmm_out(y, bias_rows[item.expert], block, expert_weight[item.expert]);
+        else at::mm_out(y, block, expert_weight[item.expert]);
+        if (keep_preact) preact.narrow(0, item.first_row, m).copy_(y);
+        if (activation != 0) at::gelu_(y, approximate);  // vectorised, computes in fp32
+        if (in_place) continue;
+        // Epilogue: gate scale (in fp32) and scatter of the rows to their places.
         const float* gate = scatter_scale ? scale.data_ptr<float>() + item.first_row : nullptr;
         const int64_t* target = scatter_index ? scatter.data_ptr<int64_t>() + item.first_row : nullptr;
+        const scalar_t* src = y.data_ptr<scalar_t>();
         scalar_t* dst = out.data_ptr<scalar_t>();
         for (int64_t i = 0; i < m; ++i) {
-          const acc_t factor = gate ? static_cast<acc_t>(gate[i]) : acc_t(1);
           scalar_t* row = dst + (target ? target[i] : item.first_row + i) * n;
-          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<scalar_t>(pre[i * n + j] * factor);
+          if (!gate) {
+            std::memcpy(row, src + i * n, n * sizeof(scalar_t));
+            continue;
+          }
+          const acc_t factor = static_cast<acc_t>(gate[i]);
+          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(src[i * n + j]) * factor);
         }
       }
     });
