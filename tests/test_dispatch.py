@@ -21,7 +21,8 @@ def chosen(op, tensors, backend=None):
 def test_auto_picks_the_compiled_cpu_kernel_and_falls_back_to_the_reference():
     assert chosen("expert_histogram", [IDS]) == "cpu"
     assert chosen("topk_gating", [torch.randn(2, 3)]) == "cpu"
-    assert chosen("grouped_linear", [torch.randn(2, 3)]) == "reference"  # no kernel yet (#5)
+    assert chosen("grouped_linear", [torch.randn(2, 3)]) == "cpu"
+    assert chosen("grouped_linear", [torch.empty(2, 3, device="meta")]) == "reference"  # no kernel runs on meta
     assert chosen("topk_gating", [torch.randn(2, 3, dtype=torch.float64)]) == "cpu"
 
 
@@ -59,9 +60,12 @@ def test_unknown_backend_names_are_rejected():
         ops.expert_histogram(IDS, 3, backend="gpu")
 
 
+META_GROUPED_ARGS = tuple(None if t is None else t.to("meta") for t in GROUPED_ARGS)
+
+
 def test_a_forced_backend_is_strict_and_says_why():
-    with pytest.raises(sm4.BackendNotSupportedError, match=r"backend 'cpu' \(forced by the backend= argument\) cannot run this call: grouped_linear is not implemented on this backend yet; it comes with the grouped GEMM issue \(#5\)"):
-        ops.grouped_linear(*GROUPED_ARGS, backend="cpu")
+    with pytest.raises(sm4.BackendNotSupportedError, match=r"backend 'cpu' \(forced by the backend= argument\) cannot run this call: runs on cpu tensors, got meta"):
+        ops.grouped_linear(*META_GROUPED_ARGS, backend="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(sm4.BackendNotSupportedError, match=r"backend 'cuda' \(forced by sm4.use_backend\(\)\)"):
             with sm4.use_backend("cuda"):
@@ -69,15 +73,22 @@ def test_a_forced_backend_is_strict_and_says_why():
 
 
 def test_refusal_lists_every_backend_when_none_can_run(monkeypatch):
-    # Without the reference fallback, nothing runs grouped_linear yet: the error gives each reason.
+    # Without the reference fallback, no kernel runs on meta tensors: the error gives each reason.
     monkeypatch.setattr(dispatch, "PREFERENCE", (backends.CUDA, backends.TRITON, backends.CPU))
     with pytest.raises(sm4.BackendNotSupportedError) as error:
-        ops.grouped_linear(*GROUPED_ARGS)
+        ops.grouped_linear(*META_GROUPED_ARGS)
     message = str(error.value)
     assert message.startswith("sm4.ops.grouped_linear: no backend can run this call:")
     for name in ("cuda", "triton", "cpu"):
         assert f"\n  {name}: " in message
-    assert "cpu: grouped_linear is not implemented on this backend yet" in message
+    assert "cpu: runs on cpu tensors, got meta" in message
+
+
+def test_a_backend_without_the_kernel_says_so():
+    bare = backends.Backend.create("bare", "no kernels", {"cpu"}, (torch.float32,), load_kernels=dict)
+    assert bare.not_supported_reasons("grouped_linear", [torch.zeros(2)], forced=True) == [
+        "grouped_linear is not implemented on this backend yet"
+    ]
 
 
 def test_device_capability():
