@@ -3,8 +3,19 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace sm4 {
+
+// Put at the top of a kernel that calls at:: ops internally. Those calls are the kernel's own
+// business: autograd must not record them, and autocast (still enabled in this thread when the
+// op is called under torch.autocast) must not recast their inputs: an fp32 router GEMM turned
+// bf16 would change results and dtypes behind the kernel's back.
+struct KernelScope {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 inline void check_expert_ids(const at::Tensor& expert_ids, int64_t num_experts, const char* op) {
   TORCH_CHECK(expert_ids.dim() == 2, op, ": expert_ids must be (T, k_max), got ", expert_ids.dim(), " dims");

@@ -13,22 +13,27 @@ and ``sm4.backends`` the backend selection; ``sm4.kernels`` holds the Triton ker
 
 from . import _extension, backends, compiled, dispatch, ops, reference
 from .dispatch import BackendNotSupportedError, available_backends, implemented_ops, use_backend
+from .modules import MoEConfig, SparseMoEAttention, collect_aux_loss, set_backend
 from .types import MoEOutput, RoutingMetadata, RoutingResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "MoEConfig",
     "MoEOutput",
     "RoutingMetadata",
     "RoutingResult",
+    "SparseMoEAttention",
     "available_backends",
     "backends",
     "build_info",
+    "collect_aux_loss",
     "dispatch",
     "implemented_ops",
     "ops",
     "reference",
+    "set_backend",
     "use_backend",
 ]
 

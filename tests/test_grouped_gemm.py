@@ -436,3 +436,14 @@ def test_cpu_kernel_rejects_bad_offsets():
     with pytest.raises(RuntimeError, match="gather_index"):
         torch.ops.sm4.grouped_mm(a, weight, None, torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 9]), None, None, 4,
                                  False, 0, False)
+
+
+def test_cpu_kernels_are_not_recast_by_autocast():
+    # Under torch.autocast the kernels' own at::mm calls must stay in the inputs' dtype.
+    skip_unless_runs("cpu", "expert_ffn")
+    inputs = {name: t.float() for name, t in moe_inputs().items()}
+    want = ops.moe_ffn(k=2, backend="cpu", **inputs).output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.moe_ffn(k=2, backend="cpu", **inputs).output
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

@@ -22,6 +22,8 @@
 
 #include <vector>
 
+#include "../checks.h"
+
 namespace sm4 {
 namespace {
 
@@ -86,9 +88,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const 
                                                   const c10::optional<at::Tensor>& scatter_scale, int64_t num_out_rows,
                                                   bool transpose_weight, int64_t activation, bool save_preact) {
   const char* op = "sm4.grouped_mm";
-  // The at:: calls below are this kernel's internals, not ops for autograd to record. The guard
-  // covers this thread; at::parallel_for's workers do not inherit it, hence also the detach()es.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // The at:: calls below are this kernel's internals (see KernelScope). The guard covers this
+  // thread; at::parallel_for's workers do not inherit it, hence also the detach()es.
+  const KernelScope scope;
   const at::Tensor a = a_in.detach();
   const c10::optional<at::Tensor> bias = bias_in ? c10::optional<at::Tensor>(bias_in->detach()) : c10::nullopt;
   TORCH_CHECK(a.dim() == 2 && weight.dim() == 3, op, ": need a (rows, K) and weight (E, K, N) (or (E, N, K) transposed), got ",
@@ -184,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_weight_grad_cpu(const at::Tensor& a_i
                                                            const c10::optional<at::Tensor>& a_index,
                                                            const c10::optional<at::Tensor>& grad_index, bool compute_bias) {
   const char* op = "sm4.grouped_weight_grad";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelScope scope;
   const at::Tensor a = a_in.detach(), grad = grad_in.detach();
   TORCH_CHECK(a.dim() == 2 && grad.dim() == 2, op, ": need a (rows, K) and grad (rows, N), got ", a.sizes(), " and ",
               grad.sizes());

@@ -22,6 +22,8 @@
 #include <numeric>
 #include <vector>
 
+#include "../checks.h"
+
 namespace sm4 {
 namespace {
 
@@ -221,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 topk_gating_forward_cpu(const at::Tensor& x, const at::Tensor& router_weight,
                         const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_k,
                         int64_t k, double sigma, bool renormalize) {
+  const KernelScope scope;
   const GatingInputs in = prepare(x, router_weight, noise, token_k, k, sigma, "sm4.topk_gating_forward");
   const int64_t T = in.num_tokens, E = in.num_experts;
   const auto acc_options = in.weight.options();
@@ -350,6 +353,7 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_gates, const at::Tens
                                     const std::optional<at::Tensor>& noise, const at::Tensor& expert_ids,
                                     const at::Tensor& runner_up, double sigma, bool renormalize) {
   const char* op = "sm4.topk_gating_backward";
+  const KernelScope scope;
   TORCH_CHECK(logits.dim() == 2 && logits.is_floating_point(), op, ": logits must be the forward's (T, E) logits");
   const int64_t T = logits.size(0), E = logits.size(1), k = expert_ids.size(1);
   const auto acc = logits.scalar_type();

@@ -1,0 +1,7 @@
+"""The drop-in layers: ``SparseMoEAttention`` (for ``nn.MultiheadAttention``), ``SparseMoEFFN``
+and ``SM4EncoderLayer`` (for ``nn.TransformerEncoderLayer``), on the fused ops of ``sm4.ops``."""
+
+from ._common import MoEConfig, SparseMoEModule, collect_aux_loss, set_backend
+from .attention import SparseMoEAttention
+
+__all__ = ["MoEConfig", "SparseMoEAttention", "SparseMoEModule", "collect_aux_loss", "set_backend"]

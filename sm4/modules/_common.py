@@ -1,0 +1,127 @@
+"""What every sparse MoE module shares: the balancing loss and routing statistics it keeps after
+each forward, ``collect_aux_loss``, the MoE keyword arguments, and parameter initialisation.
+
+The modules keep ``nn.Module``'s signatures (so they drop in where the dense layers go), which
+leaves no place to return the balancing loss: each forward stores it on the module instead
+(``module.aux_loss``, a differentiable scalar) and ``sm4.collect_aux_loss(model)`` sums it over a
+model. Routing statistics of the last forward are kept detached (``module.routing_stats``) for
+the training loop (AEA/ALP need per-modality entropy) and for plots.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..types import RoutingResult
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The MoE keywords every sparse module takes (SM4_SPEC §2).
+
+    num_experts: E, experts per group. top_k: k_max, experts per token (1 <= top_k <= E).
+    noise_std: router noise scale (std noise_std / E, training only). renormalize: rescale the
+    kept gates to sum to 1 (off in the papers). balance_loss_weight: w in
+    ``w * (CV^2(importance) + CV^2(load))`` (0.05 is the papers' medium setting).
+    backend: force an sm4 backend for this module ("reference", "cpu", ...; None = automatic).
+    """
+
+    num_experts: int = 16
+    top_k: int = 2
+    noise_std: float = 1.0
+    renormalize: bool = False
+    balance_loss_weight: float = 0.05
+    backend: str | None = None
+
+    def validate(self, owner: str):
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"{owner}: num_experts must be a positive int, got {self.num_experts!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"{owner}: top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        if not self.noise_std >= 0:
+            raise ValueError(f"{owner}: noise_std must be >= 0, got {self.noise_std!r}")
+        if not self.balance_loss_weight >= 0:
+            raise ValueError(f"{owner}: balance_loss_weight must be >= 0, got {self.balance_loss_weight!r}")
+
+
+class SparseMoEModule(nn.Module):
+    """Base of the sparse modules: keeps the last forward's balancing loss and routing statistics.
+
+    Attributes after a forward:
+        aux_loss: () tensor, ``balance_loss_weight * sum over this module's routers of
+            (CV^2(importance) + CV^2(load))``, differentiable; None before the first forward.
+        routing_stats: {router name: {"expert_counts": (E,) int64, "entropy": (T,) per-token
+            routing entropy, "load": (E,), "importance": (E,)}}, detached.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        config.validate(type(self).__name__)
+        self.moe = config
+        self.aux_loss: torch.Tensor | None = None
+        self.routing_stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _record(self, routings: dict[str, RoutingResult]) -> None:
+        loss = None
+        for routing in routings.values():
+            term = routing.balance_loss(self.moe.balance_loss_weight)
+            loss = term if loss is None else loss + term
+        self.aux_loss = loss
+        self.routing_stats = {
+            name: {
+                "expert_counts": r.expert_counts.detach(),
+                "entropy": r.entropy.detach(),
+                "load": r.load.detach(),
+                "importance": r.importance.detach(),
+            }
+            for name, r in routings.items()
+        }
+
+    def extra_repr(self) -> str:
+        m = self.moe
+        return f"num_experts={m.num_experts}, top_k={m.top_k}, noise_std={m.noise_std}, renormalize={m.renormalize}"
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the balancing losses the sparse modules of ``model`` kept at their last forward.
+
+    A differentiable scalar (on the device of the first loss found); 0 when no sparse module has run.
+    """
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, SparseMoEModule) and m.aux_loss is not None]
+    if not losses:
+        parameter = next(model.parameters(), None)
+        return torch.zeros((), device=parameter.device if parameter is not None else None)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def init_experts_like_linear(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
+    """Each expert initialised as ``nn.Linear`` would be (kaiming-uniform(a=sqrt(5)) weights, uniform bias)."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)  # = kaiming_uniform_(a=sqrt(5)) for a (fan_in, out) matrix
+        if bias is not None:
+            bias.uniform_(-bound, bound)
+
+
+def init_router(router: torch.Tensor) -> None:
+    """Router weights (d, E): small normal, so initial routing is near uniform but not tied."""
+    with torch.no_grad():
+        router.normal_(0.0, 1.0 / math.sqrt(router.shape[0]) if router.shape[0] else 1.0)
+
+
+def set_backend(model: nn.Module, backend: str | None) -> nn.Module:
+    """Run every sparse module of ``model`` on ``backend`` ("reference", "cpu", "cuda", "triton",
+    or None for automatic dispatch). Returns the model. (``with sm4.use_backend(name):`` does the
+    same for a block of code, for modules whose backend is None.)"""
+    from dataclasses import replace
+
+    from ..dispatch import _check_name
+
+    if backend is not None:
+        _check_name(backend, "sm4.set_backend")
+    for module in model.modules():
+        if isinstance(module, SparseMoEModule):
+            module.moe = replace(module.moe, backend=backend)
+    return model

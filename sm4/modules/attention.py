@@ -1,0 +1,316 @@
+"""``SparseMoEAttention``: sparse mixture of attention (SMoA), a drop-in for ``nn.MultiheadAttention``.
+
+Q, K and V each come from a group of single-linear experts with its own router (SM4_SPEC §1.4);
+attention is torch's ``scaled_dot_product_attention`` (an explicit softmax path when the weights
+are asked for); the output projection is dense. When query, key and value are one tensor, the
+three routings feed one fused grouped GEMM over the 3E Q/K/V experts (``sm4.ops.moe_qkv``).
+
+Constructor arguments, defaults, forward signature, return values, mask conventions and
+attribute names (``out_proj``, ``batch_first``, ``_qkv_same_embed_dim``, ``bias_k``/``bias_v``)
+follow ``nn.MultiheadAttention``, so the module can replace it, e.g. as the ``self_attn`` of
+``nn.TransformerEncoderLayer``. ``in_proj_weight`` and ``in_proj_bias`` exist and are None, which
+keeps torch's fused fast paths (written for the dense layer) out of the way.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from .. import ops
+from ._common import MoEConfig, SparseMoEModule, init_experts_like_linear, init_router
+
+PROJECTIONS = ("q", "k", "v")
+
+
+class SparseMoEAttention(SparseMoEModule):
+    """Multi-head attention whose Q, K and V projections are mixtures of linear experts.
+
+    Args (as ``nn.MultiheadAttention``): embed_dim C, num_heads, dropout (on the attention
+    weights), bias (expert, dense and output-projection biases), add_bias_kv, add_zero_attn,
+    kdim, vdim, batch_first, device, dtype.
+    Keyword-only MoE args: num_experts (E, default 16), top_k (default 2), noise_std,
+    renormalize, balance_loss_weight, backend (see ``sm4.modules.MoEConfig``), and ``sparse``:
+    which of "q", "k", "v" are expert groups (default all three, as in the papers; the others
+    are dense ``Linear`` projections). The output projection is dense.
+
+    Parameters: with all three sparse and kdim = vdim = embed_dim, ``routers`` (3, C, E),
+    ``expert_weight`` (3, E, C, C) in (in, out) layout and ``expert_bias`` (3, E, C), stacked so
+    that the fused Q/K/V path needs no copy; otherwise per projection ``{q,k,v}_router`` (d_i, E),
+    ``{q,k,v}_expert_weight`` (E, d_i, C), ``{q,k,v}_expert_bias`` (E, C) for a sparse one and
+    ``{q,k,v}_proj_weight`` (C, d_i), ``{q,k,v}_proj_bias`` (C,) for a dense one.
+
+    After each forward: ``aux_loss`` (the balancing loss, differentiable) and ``routing_stats``
+    (see ``sm4.modules.SparseMoEModule``); ``sm4.collect_aux_loss(model)`` sums the losses.
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, num_experts=16, top_k=2,
+                 noise_std=1.0, renormalize=False, balance_loss_weight=0.05, sparse=PROJECTIONS, backend=None):
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and num_heads={num_heads} instead")
+        super().__init__(MoEConfig(num_experts, top_k, noise_std, renormalize, balance_loss_weight, backend))
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        if self.head_dim * num_heads != embed_dim:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and num_heads={num_heads}")
+        sparse = tuple(sparse)
+        unknown = [name for name in sparse if name not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"sparse must name projections among {PROJECTIONS}, got {sparse!r}")
+        self.sparse = tuple(name for name in PROJECTIONS if name in sparse)
+        self.stacked = self.sparse == PROJECTIONS and self._qkv_same_embed_dim
+        experts = num_experts
+        in_dims = {"q": embed_dim, "k": self.kdim, "v": self.vdim}
+        if self.stacked:
+            self.routers = nn.Parameter(torch.empty(3, embed_dim, experts, **factory))
+            self.expert_weight = nn.Parameter(torch.empty(3, experts, embed_dim, embed_dim, **factory))
+            self.expert_bias = nn.Parameter(torch.empty(3, experts, embed_dim, **factory)) if bias else None
+        else:
+            for name in PROJECTIONS:
+                if name in self.sparse:
+                    setattr(self, f"{name}_router", nn.Parameter(torch.empty(in_dims[name], experts, **factory)))
+                    setattr(self, f"{name}_expert_weight", nn.Parameter(torch.empty(experts, in_dims[name], embed_dim, **factory)))
+                    setattr(self, f"{name}_expert_bias", nn.Parameter(torch.empty(experts, embed_dim, **factory)) if bias else None)
+                else:
+                    setattr(self, f"{name}_proj_weight", nn.Parameter(torch.empty(embed_dim, in_dims[name], **factory)))
+                    setattr(self, f"{name}_proj_bias", nn.Parameter(torch.empty(embed_dim, **factory)) if bias else None)
+        # nn.MultiheadAttention's packed projection does not exist here; None disables torch's
+        # fast paths, which read it.
+        self.register_parameter("in_proj_weight", None)
+        self.register_parameter("in_proj_bias", None)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        in_dims = {"q": self.embed_dim, "k": self.kdim, "v": self.vdim}
+        for g, name in enumerate(PROJECTIONS):
+            router, weight, bias = self._projection_params(name)
+            if router is not None:
+                init_router(router)
+                init_experts_like_linear(weight, bias, in_dims[name])
+            else:
+                nn.init.xavier_uniform_(weight)
+                if bias is not None:
+                    nn.init.zeros_(bias)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def _projection_params(self, name):
+        """(router (d, E) or None, weight, bias) of projection ``name``: expert weights (E, d, C) in
+        (in, out) layout when sparse, an nn.Linear-layout (C, d) weight when dense."""
+        if self.stacked:
+            g = PROJECTIONS.index(name)
+            return self.routers[g], self.expert_weight[g], None if self.expert_bias is None else self.expert_bias[g]
+        if name in self.sparse:
+            return getattr(self, f"{name}_router"), getattr(self, f"{name}_expert_weight"), getattr(self, f"{name}_expert_bias")
+        return None, getattr(self, f"{name}_proj_weight"), getattr(self, f"{name}_proj_bias")
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def _moe_keywords(self):
+        m = self.moe
+        return dict(noise_std=m.noise_std, training=self.training, renormalize=m.renormalize, backend=m.backend)
+
+    def _project(self, name, tokens, token_k, expert_dtype):
+        """tokens (B, n, d_i) -> ((B, n, C), RoutingResult or None)."""
+        router, weight, bias = self._projection_params(name)
+        if router is None:
+            return F.linear(tokens, weight, bias), None
+        batch, length, width = tokens.shape
+        flat = tokens.reshape(batch * length, width).to(expert_dtype)
+        tk = None if token_k is None else token_k.reshape(-1)
+        out = ops.moe_linear(flat, router, weight, bias, self.moe.top_k, token_k=tk, **self._moe_keywords())
+        return out.output.view(batch, length, -1), out.routing
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False, *, token_k=None, key_token_k=None):
+        """As ``nn.MultiheadAttention.forward``; returns (attn_output, attn_weights or None).
+
+        query (L, N, C) / key (S, N, kdim) / value (S, N, vdim), or (N, ·, ·) with batch_first,
+        or unbatched (L, C) / (S, ·). key_padding_mask (N, S) (or (S,) unbatched): bool, True =
+        ignore that key, or float, added. attn_mask (L, S) or (N * num_heads, L, S): bool, True
+        = not allowed, or float, added. is_causal: a hint that attn_mask is the causal mask.
+        token_k: optional per-token k of the query tokens (an int tensor shaped like
+        query.shape[:-1], e.g. from modality ids); key_token_k: of the key/value tokens (default:
+        token_k when key is query). attn_output has query's layout and the expert dtype;
+        attn_weights (N, L, S), or (N, num_heads, L, S) unless average_attn_weights.
+        """
+        self_attention = query is key and key is value
+        is_batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"query, key and value must all be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D, "
+                             f"{key.dim()}-D and {value.dim()}-D")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                               "method `generate_square_subsequent_mask` to create this mask.")
+        if key_token_k is None and key is query:
+            key_token_k = token_k
+        # Work batch-first: (N, L, C).
+        if not is_batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            token_k = None if token_k is None else token_k.unsqueeze(0)
+            key_token_k = None if key_token_k is None else key_token_k.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            token_k = None if token_k is None else token_k.transpose(0, 1)
+            key_token_k = None if key_token_k is None else key_token_k.transpose(0, 1)
+        batch, tgt_len, _ = query.shape
+        src_len = key.shape[1]
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError(f"key and value must have the same batch and sequence sizes, got {tuple(key.shape)} and {tuple(value.shape)}")
+
+        device_type = query.device.type
+        expert_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+        routings = {}
+        if self_attention and self.stacked:
+            flat = query.reshape(batch * tgt_len, self.embed_dim).to(expert_dtype)
+            tk = None if token_k is None else token_k.reshape(-1)
+            qkv, (rq, rk, rv) = ops.moe_qkv(flat, tuple(self.routers.unbind(0)), self.expert_weight, self.expert_bias,
+                                           self.moe.top_k, token_k=tk, **self._moe_keywords())
+            q, k, v = (qkv[:, g].view(batch, tgt_len, self.embed_dim) for g in range(3))
+            routings = {"q": rq, "k": rk, "v": rv}
+        else:
+            projected = {}
+            for name, tokens, tk in (("q", query, token_k), ("k", key, key_token_k), ("v", value, key_token_k)):
+                projected[name], routing = self._project(name, tokens, tk, expert_dtype)
+                if routing is not None:
+                    routings[name] = routing
+            q, k, v = projected["q"], projected["k"], projected["v"]
+
+        # Masks as additive float masks in q's dtype (bool: True = masked out).
+        attn_mask = _as_additive(attn_mask, "attn_mask", q.dtype)
+        key_padding_mask = _as_additive(key_padding_mask, "key_padding_mask", q.dtype)
+        use_causal_hint = is_causal and key_padding_mask is None and not need_weights
+        if use_causal_hint:
+            attn_mask = None  # SDPA builds the causal mask itself
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.to(k.dtype).expand(batch, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.to(v.dtype).expand(batch, 1, -1)], dim=1)
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, 1, k.shape[2])], dim=1)
+            v = torch.cat([v, v.new_zeros(batch, 1, v.shape[2])], dim=1)
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        src_len = k.shape[1]
+        mask = _merge_masks(attn_mask, key_padding_mask, batch, self.num_heads, tgt_len, src_len)
+
+        heads = lambda t: t.reshape(batch, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            attended = weights @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                      is_causal=use_causal_hint)
+        attended = attended.transpose(1, 2).reshape(batch, tgt_len, self.embed_dim)
+        output = self.out_proj(attended)
+        self._record(routings)
+
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not is_batched:
+            output = output.squeeze(0)
+            weights = None if weights is None else weights.squeeze(0)
+        elif not self.batch_first:
+            output = output.transpose(0, 1)
+        return output, weights
+
+    # ---- upcycling ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, mha: nn.MultiheadAttention, num_experts: int = 16, top_k: int = 2, **moe_kwargs):
+        """A SparseMoEAttention from a trained ``nn.MultiheadAttention``: every expert a copy of the
+        dense projection (routers freshly initialised). With num_experts = 1, or renormalize=True,
+        its output equals the dense layer's (the kept gates then sum to 1 over identical experts).
+        """
+        bias = mha.out_proj.bias is not None
+        layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=bias, add_bias_kv=mha.bias_k is not None,
+                    add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first,
+                    device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype, num_experts=num_experts,
+                    top_k=top_k, **moe_kwargs)
+        if mha._qkv_same_embed_dim:
+            dense_weights = mha.in_proj_weight.chunk(3)
+        else:
+            dense_weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+        dense_biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+        with torch.no_grad():
+            for name, w, b in zip(PROJECTIONS, dense_weights, dense_biases):
+                router, weight, expert_bias = layer._projection_params(name)
+                if router is None:
+                    weight.copy_(w)
+                    if expert_bias is not None:
+                        expert_bias.copy_(b)
+                else:
+                    weight.copy_(w.t().expand_as(weight))
+                    if expert_bias is not None:
+                        expert_bias.copy_(b.expand_as(expert_bias))
+            layer.out_proj.load_state_dict(mha.out_proj.state_dict())
+            if mha.bias_k is not None:
+                layer.bias_k.copy_(mha.bias_k)
+                layer.bias_v.copy_(mha.bias_v)
+        return layer
+
+
+def _as_additive(mask, name, dtype):
+    """A bool (True = masked) or float mask as an additive float mask in ``dtype``; None stays None."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def _merge_masks(attn_mask, key_padding_mask, batch, num_heads, tgt_len, src_len):
+    """attn_mask (L, S) or (N * H, L, S) and key_padding_mask (N, S) -> one (N, H or 1, L, S) mask."""
+    merged = None
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}.")
+            merged = attn_mask.view(1, 1, tgt_len, src_len)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (batch * num_heads, tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                                   f"{(batch * num_heads, tgt_len, src_len)}.")
+            merged = attn_mask.view(batch, num_heads, tgt_len, src_len)
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, src_len):
+            raise RuntimeError(f"expecting key_padding_mask shape of {(batch, src_len)}, but got {tuple(key_padding_mask.shape)}")
+        padding = key_padding_mask.view(batch, 1, 1, src_len)
+        merged = padding if merged is None else merged + padding
+    return merged
