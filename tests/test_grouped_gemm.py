@@ -447,3 +447,19 @@ def test_cpu_kernels_are_not_recast_by_autocast():
         got = ops.moe_ffn(k=2, backend="cpu", **inputs).output
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_opcheck_triton_primitives():
+    skip_unless_runs("triton", "grouped_linear")
+    from sm4.kernels import grouped_gemm as triton_gg
+
+    device = kernel_device("triton")
+    offsets = torch.tensor([0, 3, 3, 7], device=device)
+    a, weight, bias = (randn(9, 5, seed=1).float().to(device), randn(3, 5, 4, seed=2).float().to(device),
+                       randn(3, 4, seed=3).float().to(device))
+    gather = torch.tensor([8, 0, 1, 2, 3, 4, 5, 6], device=device)
+    scatter, scale = torch.randperm(10)[:8].to(device), torch.rand(8).to(device)
+    torch.library.opcheck(triton_gg.grouped_mm_op, (a, weight, bias, offsets, None, None, None, 9, False, 1, True))
+    torch.library.opcheck(triton_gg.grouped_mm_op, (a, weight, None, offsets, gather, scatter, scale, 10, False, 2, False))
+    torch.library.opcheck(triton_gg.grouped_weight_grad_op,
+                          (a, randn(10, 4, seed=4).float().to(device), offsets, gather, scatter, True))

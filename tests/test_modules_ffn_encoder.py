@@ -262,3 +262,224 @@ def test_ffn_autocast_bf16():
         assert x_leaf.grad.dtype == torch.float32
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ffn.parameters())
         ffn.zero_grad()
+
+
+# ---- SM4EncoderLayer ---------------------------------------------------------------------------
+
+C, NHEAD, HIDDEN, L, N = 16, 4, 32, 5, 3
+
+
+def make_layer(seed=0, dtype=torch.float64, **kwargs):
+    from sm4.modules.encoder import SM4EncoderLayer
+
+    torch.manual_seed(seed)
+    kwargs = {"num_experts": E, "top_k": 2, "dropout": 0.0, **kwargs}
+    return SM4EncoderLayer(C, NHEAD, HIDDEN, dtype=dtype, **kwargs)
+
+
+def layer_input(batch_first, dtype=torch.float64, seed=1):
+    return randn(*((N, L, C) if batch_first else (L, N, C)), seed=seed, dtype=dtype)
+
+
+def padding_mask():
+    mask = torch.zeros(N, L, dtype=torch.bool)
+    mask[0, 3:] = True  # sequence 0 has 3 tokens, sequence 2 has 4
+    mask[2, 4:] = True
+    return mask
+
+
+def causal_mask(dtype=torch.float64):
+    return nn.Transformer.generate_square_subsequent_mask(L, dtype=dtype)
+
+
+def sequence(x, batch_first, n, positions):
+    """x[sequence n, positions] in either layout."""
+    return x[n, positions] if batch_first else x[positions, n]
+
+
+def test_layer_parts_and_names():
+    from sm4.modules.attention import SparseMoEAttention
+
+    layer = make_layer()
+    assert isinstance(layer.self_attn, SparseMoEAttention) and isinstance(layer.ffn, SparseMoEFFN)
+    assert layer.norm_first and layer.self_attn.batch_first is False
+    for name in ("norm1", "norm2", "dropout1", "dropout2"):
+        assert isinstance(getattr(layer, name), nn.Module)
+    assert layer.ffn.moe == layer.self_attn.moe  # one MoE configuration for both
+    no_smoa = make_layer(sparse_attention=False)
+    assert type(no_smoa.self_attn) is nn.MultiheadAttention and isinstance(no_smoa.ffn, SparseMoEFFN)
+    no_smoe = make_layer(sparse_ffn=False, activation="relu")
+    assert no_smoe.ffn is None and isinstance(no_smoe.linear1, nn.Linear) and no_smoe.activation is F.relu
+    assert "sparse_attention=True, sparse_ffn=True" in repr(layer)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_shapes_and_masks_behave_like_torchs(batch_first):
+    layer = make_layer(batch_first=batch_first).eval()
+    x = layer_input(batch_first)
+    assert layer(x).shape == x.shape
+
+    # Padding: the padded tokens' values change nothing in the other tokens' outputs.
+    mask = padding_mask()
+    y = layer(x, src_key_padding_mask=mask)
+    changed = x.clone()
+    changed_seq = sequence(changed, batch_first, 0, slice(3, None))
+    changed_seq.add_(5.0)
+    y_changed = layer(changed, src_key_padding_mask=mask)
+    torch.testing.assert_close(sequence(y_changed, batch_first, 0, slice(0, 3)), sequence(y, batch_first, 0, slice(0, 3)))
+    torch.testing.assert_close(sequence(y_changed, batch_first, 1, slice(None)), sequence(y, batch_first, 1, slice(None)))
+    # A float padding mask (-inf = padding) is the same mask.
+    float_mask = torch.zeros(N, L, dtype=torch.float64).masked_fill(mask, float("-inf"))
+    torch.testing.assert_close(layer(x, src_key_padding_mask=float_mask), y)
+
+    # Causal: a token's output depends on no later token; is_causal is only a hint.
+    causal = causal_mask()
+    y = layer(x, src_mask=causal)
+    torch.testing.assert_close(layer(x, src_mask=causal, is_causal=True), y)
+    torch.testing.assert_close(layer(x, src_mask=causal.isinf()), y)  # bool mask, True = not allowed
+    changed = x.clone()
+    sequence(changed, batch_first, 1, slice(L - 1, None)).add_(5.0)
+    torch.testing.assert_close(sequence(layer(changed, src_mask=causal), batch_first, 1, slice(0, L - 1)),
+                               sequence(y, batch_first, 1, slice(0, L - 1)))
+    # Both masks together; and an unbatched (L, C) input.
+    assert layer(x, src_mask=causal.isinf(), src_key_padding_mask=mask).shape == x.shape
+    single = sequence(x, batch_first, 1, slice(None))
+    torch.testing.assert_close(layer(single), sequence(layer(x), batch_first, 1, slice(None)))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_in_torch_transformer_encoder(batch_first, training):
+    layer = make_layer(batch_first=batch_first, dtype=torch.float32, dropout=0.1)
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).train(training)
+    x = layer_input(batch_first, dtype=torch.float32).requires_grad_(True)
+    y = encoder(x, mask=causal_mask(torch.float32).isinf(), src_key_padding_mask=padding_mask())
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    aux = collect_aux_loss(encoder)
+    first, second = encoder.layers
+    torch.testing.assert_close(aux, first.aux_loss + second.aux_loss)
+    (y.square().mean() + aux).backward()
+    assert x.grad is not None
+    for name, p in encoder.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if not training:
+        torch.testing.assert_close(encoder(x), encoder(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_norm", "post_norm"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_dense_ablation_is_torchs_layer(batch_first, norm_first):
+    torch.manual_seed(0)
+    dense = nn.TransformerEncoderLayer(C, NHEAD, HIDDEN, dropout=0.0, activation="gelu", batch_first=batch_first,
+                                       norm_first=norm_first, dtype=torch.float64)
+    ours = make_layer(seed=1, batch_first=batch_first, norm_first=norm_first, sparse_attention=False, sparse_ffn=False)
+    ours.load_state_dict(dense.state_dict())  # strict: the same parameter names
+    x = layer_input(batch_first)
+    for mode in (False, True):
+        dense.train(mode), ours.train(mode)
+        kwargs = dict(src_mask=causal_mask().isinf(), src_key_padding_mask=padding_mask())
+        torch.testing.assert_close(ours(x, **kwargs), dense(x, **kwargs), **TOLERANCES[torch.float64])
+        torch.testing.assert_close(ours(x), dense(x), **TOLERANCES[torch.float64])
+    assert collect_aux_loss(ours).item() == 0.0 and ours.aux_loss is None
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_norm", "post_norm"])
+def test_sparse_layer_is_the_residual_composition_of_its_parts(norm_first):
+    layer = make_layer(norm_first=norm_first, batch_first=True).eval()
+    x = layer_input(True)
+    token_k = torch.randint(1, 3, (N, L))
+
+    def attend(t):
+        return layer.self_attn(t, t, t, need_weights=False, token_k=token_k)[0]
+
+    if norm_first:
+        h = x + attend(layer.norm1(x))
+        expected = h + layer.ffn(layer.norm2(h), token_k=token_k)
+    else:
+        h = layer.norm1(x + attend(x))
+        expected = layer.norm2(h + layer.ffn(h, token_k=token_k))
+    torch.testing.assert_close(layer(x, token_k=token_k), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_token_k_reaches_every_router(batch_first):
+    layer = make_layer(batch_first=batch_first, top_k=3).eval()
+    x = layer_input(batch_first)
+    token_k = torch.randint(1, 4, x.shape[:-1])
+    layer(x, token_k=token_k)
+    stats = {**{f"attn.{k}": v for k, v in layer.self_attn.routing_stats.items()}, "ffn": layer.ffn.routing_stats["ffn"]}
+    assert set(stats) == {"attn.q", "attn.k", "attn.v", "ffn"}
+    for name, router in stats.items():
+        assert int(router["expert_counts"].sum()) == int(token_k.sum()), name
+    # Dense parts ignore it.
+    dense = make_layer(batch_first=batch_first, sparse_attention=False, sparse_ffn=False).eval()
+    torch.testing.assert_close(dense(x, token_k=token_k), dense(x))
+
+
+@pytest.mark.parametrize("ablation", ["full", "no_smoa", "no_smoe"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_layer_default_kernels_equal_the_reference_with_every_gradient(dtype, training, ablation):
+    flags = {"full": {}, "no_smoa": {"sparse_attention": False}, "no_smoe": {"sparse_ffn": False}}[ablation]
+    layer = make_layer(dtype=dtype, batch_first=True, **flags).train(training)
+    reference = set_backend(copy.deepcopy(layer), "reference")
+    x = layer_input(True, dtype=dtype)
+    kwargs = dict(src_key_padding_mask=padding_mask(), token_k=torch.randint(1, 3, (N, L)))
+    fast, slow = loss_and_grads(layer, x, **kwargs), loss_and_grads(reference, x, **kwargs)
+    assert len(fast[2]) == len(list(layer.parameters())) + 1  # every parameter has a gradient, and x
+    assert_same_run(fast, slow, dtype)
+
+
+def test_layer_aux_loss():
+    layer = make_layer()
+    assert layer.aux_loss is None
+    layer(layer_input(False))
+    total = collect_aux_loss(layer)
+    torch.testing.assert_close(total, (layer.self_attn.aux_loss + layer.ffn.aux_loss).float())
+    torch.testing.assert_close(layer.aux_loss, total)
+    assert total.requires_grad and total.shape == ()
+    total.backward()
+    assert layer.ffn.router.grad.abs().sum() > 0
+
+
+def test_layer_state_dict_round_trip():
+    source, target = make_layer(seed=0).eval(), make_layer(seed=1).eval()
+    x = layer_input(False)
+    assert not torch.allclose(source(x), target(x))
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_layer_compiles_fullgraph(training):
+    torch._dynamo.reset()
+    layer = make_layer(dtype=torch.float32, batch_first=True).train(training)
+    x = layer_input(True, dtype=torch.float32)
+    kwargs = dict(src_key_padding_mask=padding_mask(), token_k=torch.randint(1, 3, (N, L)))
+    eager = loss_and_grads(layer, x, **kwargs)
+    layer.zero_grad(set_to_none=True)
+    compiled = loss_and_grads(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, **kwargs)
+    assert_same_run(compiled, eager, torch.float32)
+
+
+def test_layer_rejects_an_activation_the_kernels_lack():
+    with pytest.raises(ValueError, match="activation"):
+        make_layer(activation="relu")
+    with pytest.raises(ValueError, match="activation"):
+        make_layer(sparse_ffn=False, activation="swish")
+    assert make_layer(activation=F.gelu).ffn.activation == "gelu"
+    assert make_layer(activation="gelu_tanh").ffn.activation == "gelu_tanh"
+    with pytest.raises(ValueError, match="top_k"):
+        make_layer(top_k=E + 1)
+
+
+def test_layer_autocast_bf16():
+    layer = make_layer(dtype=torch.float32, batch_first=True).eval()
+    x = layer_input(True, dtype=torch.float32).bfloat16().float()
+    full = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), full, atol=0.1, rtol=0.1)
+    (y.float().sum() + layer.aux_loss).backward()
+    assert all(p.grad is not None for p in layer.parameters())
