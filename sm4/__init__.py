@@ -13,7 +13,7 @@ and ``sm4.backends`` the backend selection; ``sm4.kernels`` holds the Triton ker
 
 from . import _extension, backends, compiled, dispatch, ops, reference
 from .dispatch import BackendNotSupportedError, available_backends, implemented_ops, use_backend
-from .modules import MoEConfig, SparseMoEAttention, collect_aux_loss, set_backend
+from .modules import MoEConfig, SM4EncoderLayer, SparseMoEAttention, SparseMoEFFN, collect_aux_loss, set_backend
 from .types import MoEOutput, RoutingMetadata, RoutingResult
 
 __version__ = "0.1.0"
@@ -24,7 +24,9 @@ __all__ = [
     "MoEOutput",
     "RoutingMetadata",
     "RoutingResult",
+    "SM4EncoderLayer",
     "SparseMoEAttention",
+    "SparseMoEFFN",
     "available_backends",
     "backends",
     "build_info",

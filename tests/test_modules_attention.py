@@ -204,3 +204,17 @@ def test_bad_arguments_are_as_clear_as_multihead_attention():
     layer = SparseMoEAttention(8, 2, num_experts=2)
     with pytest.raises(ValueError, match="3-D .* or 2-D"):
         layer(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8))
+
+
+def test_autocast_routes_in_fp32_on_every_backend():
+    torch.manual_seed(0)
+    layer = SparseMoEAttention(16, 4, batch_first=True, num_experts=4, kdim=8, vdim=8, sparse=("q", "v")).eval()
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 3, 8)
+    outputs = {}
+    for backend in ("reference", "cpu"):
+        sm4.set_backend(layer, backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[backend] = layer(q, kv, kv)[0]
+        assert outputs[backend].dtype == torch.bfloat16
+        assert layer.routing_stats["q"]["importance"].dtype == torch.float32
+    torch.testing.assert_close(outputs["cpu"], outputs["reference"], atol=1e-2, rtol=1e-2)

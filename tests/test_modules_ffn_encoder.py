@@ -192,13 +192,13 @@ def test_ffn_aux_loss_is_differentiable_and_collected():
 @pytest.mark.parametrize(
     "kwargs, argument",
     [
-        (dict(num_experts=4, top_k=5), "top_k"),
-        (dict(num_experts=4, top_k=0), "top_k"),
-        (dict(num_experts=0, top_k=1), "num_experts"),
-        (dict(activation="relu"), "activation"),
-        (dict(noise_std=-1.0), "noise_std"),
-        (dict(balance_loss_weight=-0.1), "balance_loss_weight"),
-        (dict(backend="nope"), "backend"),
+        ({"num_experts": 4, "top_k": 5}, "top_k"),
+        ({"num_experts": 4, "top_k": 0}, "top_k"),
+        ({"num_experts": 0, "top_k": 1}, "num_experts"),
+        ({"activation": "relu"}, "activation"),
+        ({"noise_std": -1.0}, "noise_std"),
+        ({"balance_loss_weight": -0.1}, "balance_loss_weight"),
+        ({"backend": "nope"}, "backend"),
     ],
 )
 def test_ffn_rejects_bad_arguments(kwargs, argument):
@@ -377,7 +377,7 @@ def test_dense_ablation_is_torchs_layer(batch_first, norm_first):
     x = layer_input(batch_first)
     for mode in (False, True):
         dense.train(mode), ours.train(mode)
-        kwargs = dict(src_mask=causal_mask().isinf(), src_key_padding_mask=padding_mask())
+        kwargs = {"src_mask": causal_mask().isinf(), "src_key_padding_mask": padding_mask()}
         torch.testing.assert_close(ours(x, **kwargs), dense(x, **kwargs), **TOLERANCES[torch.float64])
         torch.testing.assert_close(ours(x), dense(x), **TOLERANCES[torch.float64])
     assert collect_aux_loss(ours).item() == 0.0 and ours.aux_loss is None
@@ -424,7 +424,7 @@ def test_layer_default_kernels_equal_the_reference_with_every_gradient(dtype, tr
     layer = make_layer(dtype=dtype, batch_first=True, **flags).train(training)
     reference = set_backend(copy.deepcopy(layer), "reference")
     x = layer_input(True, dtype=dtype)
-    kwargs = dict(src_key_padding_mask=padding_mask(), token_k=torch.randint(1, 3, (N, L)))
+    kwargs = {"src_key_padding_mask": padding_mask(), "token_k": torch.randint(1, 3, (N, L))}
     fast, slow = loss_and_grads(layer, x, **kwargs), loss_and_grads(reference, x, **kwargs)
     assert len(fast[2]) == len(list(layer.parameters())) + 1  # every parameter has a gradient, and x
     assert_same_run(fast, slow, dtype)
@@ -455,7 +455,7 @@ def test_layer_compiles_fullgraph(training):
     torch._dynamo.reset()
     layer = make_layer(dtype=torch.float32, batch_first=True).train(training)
     x = layer_input(True, dtype=torch.float32)
-    kwargs = dict(src_key_padding_mask=padding_mask(), token_k=torch.randint(1, 3, (N, L)))
+    kwargs = {"src_key_padding_mask": padding_mask(), "token_k": torch.randint(1, 3, (N, L))}
     eager = loss_and_grads(layer, x, **kwargs)
     layer.zero_grad(set_to_none=True)
     compiled = loss_and_grads(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, **kwargs)

@@ -3,5 +3,8 @@ and ``SM4EncoderLayer`` (for ``nn.TransformerEncoderLayer``), on the fused ops o
 
 from ._common import MoEConfig, SparseMoEModule, collect_aux_loss, set_backend
 from .attention import SparseMoEAttention
+from .encoder import SM4EncoderLayer
+from .ffn import SparseMoEFFN
 
-__all__ = ["MoEConfig", "SparseMoEAttention", "SparseMoEModule", "collect_aux_loss", "set_backend"]
+__all__ = ["MoEConfig", "SM4EncoderLayer", "SparseMoEAttention", "SparseMoEFFN", "SparseMoEModule", "collect_aux_loss",
+           "set_backend"]

@@ -12,6 +12,7 @@ follow ``nn.MultiheadAttention``, so the module can replace it, e.g. as the ``se
 keeps torch's fused fast paths (written for the dense layer) out of the way.
 """
 
+import contextlib
 import math
 
 import torch
@@ -135,13 +136,31 @@ class SparseMoEAttention(SparseMoEModule):
     def _project(self, name, tokens, token_k, expert_dtype):
         """tokens (B, n, d_i) -> ((B, n, C), RoutingResult or None)."""
         router, weight, bias = self._projection_params(name)
-        if router is None:
-            return F.linear(tokens, weight, bias), None
+        if router is None:  # dense; cast as autocast would (it is off here)
+            cast = lambda t: None if t is None else t.to(expert_dtype)  # noqa: E731
+            return F.linear(cast(tokens), cast(weight), cast(bias)), None
         batch, length, width = tokens.shape
         flat = tokens.reshape(batch * length, width).to(expert_dtype)
         tk = None if token_k is None else token_k.reshape(-1)
         out = ops.moe_linear(flat, router, weight, bias, self.moe.top_k, token_k=tk, **self._moe_keywords())
         return out.output.view(batch, length, -1), out.routing
+
+    def _project_all(self, query, key, value, token_k, key_token_k, self_attention, expert_dtype):
+        """(q, k, v) each (N, n, C), and the routings by projection name."""
+        batch, tgt_len, _ = query.shape
+        if self_attention and self.stacked:
+            flat = query.reshape(batch * tgt_len, self.embed_dim).to(expert_dtype)
+            tk = None if token_k is None else token_k.reshape(-1)
+            qkv, (rq, rk, rv) = ops.moe_qkv(flat, tuple(self.routers.unbind(0)), self.expert_weight, self.expert_bias,
+                                           self.moe.top_k, token_k=tk, **self._moe_keywords())
+            q, k, v = (qkv[:, g].view(batch, tgt_len, self.embed_dim) for g in range(3))
+            return q, k, v, {"q": rq, "k": rk, "v": rv}
+        projected, routings = {}, {}
+        for name, tokens, tk in (("q", query, token_k), ("k", key, key_token_k), ("v", value, key_token_k)):
+            projected[name], routing = self._project(name, tokens, tk, expert_dtype)
+            if routing is not None:
+                routings[name] = routing
+        return projected["q"], projected["k"], projected["v"], routings
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False, *, token_k=None, key_token_k=None):
@@ -182,22 +201,13 @@ class SparseMoEAttention(SparseMoEModule):
             raise ValueError(f"key and value must have the same batch and sequence sizes, got {tuple(key.shape)} and {tuple(value.shape)}")
 
         device_type = query.device.type
-        expert_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
-        routings = {}
-        if self_attention and self.stacked:
-            flat = query.reshape(batch * tgt_len, self.embed_dim).to(expert_dtype)
-            tk = None if token_k is None else token_k.reshape(-1)
-            qkv, (rq, rk, rv) = ops.moe_qkv(flat, tuple(self.routers.unbind(0)), self.expert_weight, self.expert_bias,
-                                           self.moe.top_k, token_k=tk, **self._moe_keywords())
-            q, k, v = (qkv[:, g].view(batch, tgt_len, self.embed_dim) for g in range(3))
-            routings = {"q": rq, "k": rk, "v": rv}
-        else:
-            projected = {}
-            for name, tokens, tk in (("q", query, token_k), ("k", key, key_token_k), ("v", value, key_token_k)):
-                projected[name], routing = self._project(name, tokens, tk, expert_dtype)
-                if routing is not None:
-                    routings[name] = routing
-            q, k, v = projected["q"], projected["k"], projected["v"]
+        autocast = torch.is_autocast_enabled(device_type)
+        expert_dtype = torch.get_autocast_dtype(device_type) if autocast else query.dtype
+        # sm4's ops are custom ops that autocast does not cast: the inputs are cast by hand above
+        # (to expert_dtype), and the ops run with autocast off, so every backend routes in fp32
+        # (the reference backend's plain matmuls would otherwise be autocast too).
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            q, k, v, routings = self._project_all(query, key, value, token_k, key_token_k, self_attention, expert_dtype)
 
         # Masks as additive float masks in q's dtype (bool: True = masked out).
         attn_mask = _as_additive(attn_mask, "attn_mask", q.dtype)

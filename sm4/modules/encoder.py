@@ -98,8 +98,8 @@ class SM4EncoderLayer(nn.Module):
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        moe = dict(num_experts=num_experts, top_k=top_k, noise_std=noise_std, renormalize=renormalize,
-                   balance_loss_weight=balance_loss_weight, backend=backend)
+        moe = {"num_experts": num_experts, "top_k": top_k, "noise_std": noise_std, "renormalize": renormalize,
+                   "balance_loss_weight": balance_loss_weight, "backend": backend}
         self.sparse_attention = bool(sparse_attention)
         self.sparse_ffn = bool(sparse_ffn)
         if self.sparse_attention:

@@ -113,8 +113,9 @@ class SparseMoEFFN(SparseMoEModule):
         if torch.is_autocast_enabled(device_type):
             # sm4's ops are custom ops that autocast does not cast: do what autocast would do for
             # the two linears by hand (fp64 is left alone, as autocast leaves it), then run the op
-            # with autocast off, so that the matmuls inside the backends (e.g. the router GEMM of
-            # the CPU gating kernel) keep the dtypes they are written for.
+            # with autocast off, so that the plain-PyTorch matmuls of the reference backend are
+            # not autocast either (its router GEMM would run in bf16, its gates come out bf16) and
+            # every backend routes in fp32 alike (SM4_SPEC §2).
             dtype = torch.get_autocast_dtype(device_type)
             if flat.dtype != torch.float64:
                 flat = flat.to(dtype)
