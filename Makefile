@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.13.0
 # Supported: triton >= 3.6 (the GPU machines have 3.6). A fresh environment gets the version
 # this package is tested with here.
 TRITON_PIN ?= triton==3.9.0
-TOOLS := setuptools wheel ninja numpy tqdm pytest pytest-benchmark
+TOOLS := setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark
 PYTEST_FLAGS ?=
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)

@@ -1,9 +1,10 @@
-"""Command line: ``python -m sm4 info`` (what was built) and ``python -m sm4 demo``."""
+"""Command line: ``python -m sm4 info`` (what was built), ``python -m sm4 demo``, and
+``python -m sm4 bench report results.json`` (tables and a plot of a benchmark run)."""
 
 import argparse
 import sys
 
-from . import build_info, demo
+from . import bench_report, build_info, demo
 
 
 def info(args):
@@ -24,6 +25,7 @@ def main(argv=None):
     subparsers = parser.add_subparsers(required=True, dest="command")
     subparsers.add_parser("info", help="what this installation built and which backends it can use").set_defaults(func=info)
     demo.add_parser(subparsers)
+    bench_report.add_parser(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
 
