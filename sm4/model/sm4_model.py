@@ -1,0 +1,201 @@
+"""The SM4 multi-modal multi-task model (SM4_SPEC §1): tokenise each modality, encode it with one
+shared Perceiver block into N latent tokens, concatenate a task's modalities along the sequence,
+run the SM4 encoder layers (sparse MoE attention and FFN with a per-modality k), and finish with
+the task's head.
+
+    inputs {modality: (B, *shape)} --Tokenizer--> (B, n_m, D) --PerceiverEncoder--> (B, N, C)
+        --concat over the task's modalities--> (B, M*N, C) --SM4EncoderLayer x depth-->
+        --head (flatten -> Linear -> BatchNorm)--> (B, outputs)
+
+The encoder layers are shared by all tasks (their experts and routers see every task's tokens;
+the per-token k comes from each token's modality, set by AEA through ``set_modality_k``). ALP's
+per-modality gradient scale (``set_modality_weights``) is applied to the tokens at the Perceiver
+output and at the output of every SMoA and SMoE block (forward hooks), identity in the forward.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modules import SM4EncoderLayer, SparseMoEAttention, SparseMoEFFN
+from .config import ModelConfig
+from .tokenize import Tokenizer
+
+
+class ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``weight`` (broadcast over features)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad * weight.to(grad.dtype), None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with its own inner width (heads x head_dim), query and context widths."""
+
+    def __init__(self, query_dim, context_dim, heads, head_dim, dropout=0.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, query_dim)
+
+    def forward(self, x, context):
+        batch = x.shape[0]
+        split = lambda t: t.view(batch, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q = split(self.to_q(x))
+        k, v = (split(t) for t in self.to_kv(context).chunk(2, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).reshape(batch, x.shape[1], -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__(nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+
+class PerceiverEncoder(nn.Module):
+    """The shared unimodal encoder: N x C learned latents cross-attend (pre-norm on latents and
+    inputs) to a modality's tokens, then a feed-forward, then latent self-attention and its
+    feed-forward (as in the perceiver-pytorch code the papers built on); all residual, depth 1."""
+
+    def __init__(self, input_dim, config: ModelConfig):
+        super().__init__()
+        width = config.width
+        self.latents = nn.Parameter(torch.randn(config.latent_tokens, width) * 0.02)
+        self.norm_latents, self.norm_inputs = nn.LayerNorm(width), nn.LayerNorm(input_dim)
+        self.cross_attn = Attention(width, input_dim, config.cross_heads, config.cross_head_dim)
+        self.norm_ff1, self.ff1 = nn.LayerNorm(width), FeedForward(width, config.encoder_ff_mult)
+        self.norm_self = nn.LayerNorm(width)
+        self.self_attn = Attention(width, width, config.latent_heads, config.latent_head_dim)
+        self.norm_ff2, self.ff2 = nn.LayerNorm(width), FeedForward(width, config.encoder_ff_mult)
+
+    def forward(self, tokens):
+        """tokens (B, n, input_dim) -> latents (B, N, C)."""
+        latents = self.latents.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        latents = latents + self.cross_attn(self.norm_latents(latents), self.norm_inputs(tokens))
+        latents = latents + self.ff1(self.norm_ff1(latents))
+        normed = self.norm_self(latents)
+        latents = latents + self.self_attn(normed, normed)
+        return latents + self.ff2(self.norm_ff2(latents))
+
+
+class SM4Model(nn.Module):
+    """SM4 for a set of modalities and tasks.
+
+    modalities: {name: (kind, per-sample shape)}, kind "sequence", "tabular" or "image" (the last
+    dim of the shape is the feature width). tasks: {name: (modality names, number of outputs)}.
+    """
+
+    def __init__(self, config: ModelConfig, modalities: dict[str, tuple[str, tuple[int, ...]]],
+                 tasks: dict[str, tuple[tuple[str, ...], int]]):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tokenizer = Tokenizer(modalities, config.num_freq_bands, config.max_freq, config.freq_schedule,
+                                   config.freq_base, config.patch_size)
+        self.modality_names = list(modalities)
+        self.tasks = {name: tuple(mods) for name, (mods, _) in tasks.items()}
+        for task, mods in self.tasks.items():
+            unknown = [m for m in mods if m not in modalities]
+            if unknown:
+                raise ValueError(f"task {task!r} uses unknown modalities {unknown}; known: {self.modality_names}")
+        self.encoder = PerceiverEncoder(self.tokenizer.width, config)
+        sparse_attention = config.sparse_attention and not config.dense
+        sparse_ffn = config.sparse_ffn and not config.dense
+        # A dense FFN of equal FLOPs per token: top_k experts' hidden width in one layer.
+        ffn_hidden = config.ffn_hidden if sparse_ffn else config.ffn_hidden * config.top_k
+        self.layers = nn.ModuleList(
+            SM4EncoderLayer(config.width, config.heads, dim_feedforward=ffn_hidden, dropout=config.dropout,
+                            batch_first=True, norm_first=True, num_experts=config.num_experts, top_k=config.top_k,
+                            noise_std=config.noise_std, balance_loss_weight=config.balance_loss_weight,
+                            sparse_attention=sparse_attention, sparse_ffn=sparse_ffn, backend=config.backend)
+            for _ in range(config.depth)
+        )
+        self.final_norm = nn.LayerNorm(config.width)
+        self.heads = nn.ModuleDict({
+            task: nn.Sequential(
+                nn.Flatten(), nn.Linear(len(mods) * config.latent_tokens * config.width, outputs),
+                nn.BatchNorm1d(outputs) if config.head_batch_norm else nn.Identity(),
+            )
+            for task, (mods, outputs) in tasks.items()
+        })
+        # AEA's k and ALP's gradient weights per modality (buffers: saved with the model).
+        self.register_buffer("modality_k", torch.full((len(self.modality_names),), config.top_k, dtype=torch.long))
+        self.register_buffer("modality_weight", torch.ones(len(self.modality_names)))
+        self.scale_gradients = False
+        self._token_weight = None  # (B, L, 1) weights of the current forward, for the hooks
+        self.last_token_modality = None  # (B * L,) modality id of each token the layers saw
+        for layer in self.layers:
+            for part in (layer.self_attn, getattr(layer, "ffn", None)):
+                if isinstance(part, (SparseMoEAttention, SparseMoEFFN)):
+                    part.register_forward_hook(self._scale_output_hook)
+
+    def set_modality_k(self, k: dict[str, int]) -> None:
+        """Per-modality k (AEA), each in [1, top_k]."""
+        with torch.no_grad():
+            for name, value in k.items():
+                if not 1 <= int(value) <= self.config.top_k:
+                    raise ValueError(f"k for modality {name!r} must be in [1, top_k={self.config.top_k}], got {value}")
+                self.modality_k[self.modality_names.index(name)] = int(value)
+
+    def set_modality_weights(self, weights: dict[str, float] | None) -> None:
+        """ALP's per-modality gradient weights; None turns the gradient scaling off."""
+        self.scale_gradients = weights is not None
+        if weights:
+            with torch.no_grad():
+                for name, value in weights.items():
+                    self.modality_weight[self.modality_names.index(name)] = float(value)
+
+    def _scale(self, x):
+        if not self.scale_gradients or self._token_weight is None or not torch.is_grad_enabled():
+            return x
+        return ScaleGradient.apply(x, self._token_weight)
+
+    def _scale_output_hook(self, module, inputs, output):
+        if isinstance(output, tuple):  # attention: (output, weights)
+            return (self._scale(output[0]), *output[1:])
+        return self._scale(output)
+
+    def forward(self, task: str, inputs: dict[str, torch.Tensor], keep: list[str] | None = None) -> torch.Tensor:
+        """inputs: {modality: (B, *shape)} for the task's modalities -> (B, outputs).
+
+        keep: only these modalities' tokens enter the encoder layers (the others' slots in the
+        head's input are zeros): AEA's per-modality validation loss.
+        """
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; tasks: {sorted(self.tasks)}")
+        mods = self.tasks[task]
+        missing = [m for m in mods if m not in inputs]
+        if missing:
+            raise ValueError(f"task {task!r} needs modalities {list(mods)}; missing {missing}")
+        used = [m for m in mods if keep is None or m in keep]
+        if not used:
+            raise ValueError(f"keep={keep} leaves no modality of task {task!r} ({list(mods)})")
+        latents, ids = [], []
+        for name in used:
+            encoded = self.encoder(self.tokenizer(name, inputs[name]))  # (B, N, C)
+            latents.append(encoded)
+            ids.append(torch.full(encoded.shape[:2], self.modality_names.index(name), dtype=torch.long, device=encoded.device))
+        x = torch.cat(latents, dim=1)
+        modality_ids = torch.cat(ids, dim=1)  # (B, L)
+        self._token_weight = self.modality_weight[modality_ids].unsqueeze(-1)
+        self.last_token_modality = modality_ids.reshape(-1)
+        x = self._scale(x)
+        token_k = self.modality_k[modality_ids]
+        for layer in self.layers:
+            x = layer(x, token_k=token_k)
+        x = self.final_norm(x)
+        self._token_weight = None
+        # Head input in the task's modality order, zeros for modalities left out by `keep`.
+        n = self.config.latent_tokens
+        slots = {name: x[:, i * n:(i + 1) * n] for i, name in enumerate(used)}
+        full = torch.cat([slots.get(name, x.new_zeros(x.shape[0], n, x.shape[2])) for name in mods], dim=1)
+        return self.heads[task](full)

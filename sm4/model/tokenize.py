@@ -1,0 +1,103 @@
+"""Modality preprocessing (SM4_SPEC §1.1): every modality becomes a sequence of tokens
+``[raw features, zero padding to the widest modality, Fourier encoding of the position, one-hot
+modality code]``.
+
+Positions lie in [-1, 1] per axis: sequences and tables have one axis (the step or feature
+index), images two (patch row and column), video three. Per axis the encoding is
+``[sin(pi f_i p) for i < B] + [cos(pi f_i p) for i < B] + [p]`` with frequencies
+``f = logspace(1, log(max_freq / 2) / log(base), B, base)`` (the papers' code, the default) or
+``linspace(1, max_freq / 2, B)`` (the newer Perceiver code).
+"""
+
+import math
+
+import torch
+
+KINDS = {"sequence": 1, "tabular": 1, "image": 2, "video": 3}  # kind -> position axes
+
+
+def frequencies(num_bands: int, max_freq: float, schedule: str = "logspace", base: float = 2.0) -> torch.Tensor:
+    """(num_bands,) float64 frequency schedule."""
+    if schedule == "logspace":
+        return torch.logspace(1.0, math.log(max_freq / 2) / math.log(base), num_bands, base=base, dtype=torch.float64)
+    if schedule == "linspace":
+        return torch.linspace(1.0, max_freq / 2, num_bands, dtype=torch.float64)
+    raise ValueError(f"schedule must be 'logspace' or 'linspace', got {schedule!r}")
+
+
+def fourier_encode(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """positions (..., axes) in [-1, 1] -> (..., axes * (2 * bands + 1)), per axis [sin..., cos..., p]."""
+    scaled = positions.unsqueeze(-1) * freqs.to(positions) * math.pi  # (..., axes, bands)
+    encoded = torch.cat([scaled.sin(), scaled.cos(), positions.unsqueeze(-1)], dim=-1)
+    return encoded.flatten(-2)
+
+
+def grid_positions(sizes: tuple[int, ...]) -> torch.Tensor:
+    """(prod(sizes), len(sizes)) positions of a grid, each axis linspace(-1, 1) (0 for size 1)."""
+    axes = [torch.linspace(-1.0, 1.0, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64) for n in sizes]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(sizes))
+
+
+def patchify(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Images (B, H, W, F) -> (B, H/p * W/p, p * p * F) patches and the patch grid (H/p, W/p)."""
+    batch, height, width, features = x.shape
+    if height % patch or width % patch:
+        raise ValueError(f"image of {height}x{width} pixels does not split into {patch}x{patch} patches")
+    rows, cols = height // patch, width // patch
+    x = x.reshape(batch, rows, patch, cols, patch, features).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, rows * cols, patch * patch * features), (rows, cols)
+
+
+class Tokenizer(torch.nn.Module):
+    """Turns each modality's batch into tokens of one common width (no parameters).
+
+    modalities: {name: (kind, per-sample shape)} in a fixed order (that order is the one-hot code
+    and the modality id). Token width = max feature width + max axes * (2 * bands + 1) + M.
+    """
+
+    def __init__(self, modalities: dict[str, tuple[str, tuple[int, ...]]], num_bands: int, max_freq: float,
+                 schedule: str = "logspace", base: float = 2.0, patch_size: int = 1):
+        super().__init__()
+        self.names = list(modalities)
+        self.kinds = {name: kind for name, (kind, _) in modalities.items()}
+        for name, kind in self.kinds.items():
+            if kind not in KINDS:
+                raise ValueError(f"modality {name!r}: kind must be one of {sorted(KINDS)}, got {kind!r}")
+        self.patch_size = patch_size
+        self.feature_widths = {}
+        for name, (kind, shape) in modalities.items():
+            features = shape[-1] * (patch_size**2 if kind == "image" else patch_size**3 if kind == "video" else 1)
+            self.feature_widths[name] = features
+        self.max_features = max(self.feature_widths.values())
+        self.max_axes = max(KINDS[kind] for kind in self.kinds.values())
+        self.position_width = self.max_axes * (2 * num_bands + 1)
+        self.register_buffer("freqs", frequencies(num_bands, max_freq, schedule, base), persistent=False)
+        self.width = self.max_features + self.position_width + len(self.names)
+
+    def modality_id(self, name: str) -> int:
+        return self.names.index(name)
+
+    def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, *shape) of modality ``name`` -> tokens (B, n, width) in x's dtype."""
+        kind = self.kinds[name]
+        if kind == "image":
+            tokens, grid = patchify(x, self.patch_size)
+        elif kind == "video":
+            raise NotImplementedError("video tokenisation (3-D patches) is not implemented yet")
+        else:
+            tokens, grid = x, (x.shape[1],)
+        batch, count, features = tokens.shape
+        if features != self.feature_widths[name]:
+            raise ValueError(f"modality {name!r}: expected {self.feature_widths[name]} features per token, got {features}")
+        positions = grid_positions(grid).to(x.device)  # (n, axes)
+        encoded = fourier_encode(positions, self.freqs)  # (n, axes * (2B + 1))
+        pad_position = self.position_width - encoded.shape[1]
+        onehot = torch.zeros(len(self.names), dtype=x.dtype, device=x.device)
+        onehot[self.modality_id(name)] = 1
+        parts = [
+            tokens,
+            tokens.new_zeros(batch, count, self.max_features - features),
+            torch.nn.functional.pad(encoded, (0, pad_position)).to(x.dtype).expand(batch, -1, -1),
+            onehot.expand(batch, count, -1),
+        ]
+        return torch.cat(parts, dim=-1)
