@@ -1,10 +1,10 @@
-"""Command line: ``python -m sm4 info`` (what was built), ``python -m sm4 demo``, and
-``python -m sm4 bench report results.json`` (tables and a plot of a benchmark run)."""
+"""Command line: ``python -m sm4 info`` (what was built), ``demo`` (the main job), ``train`` and
+``eval`` (SM4 on a multi-task dataset), and ``bench report results.json`` (benchmark tables)."""
 
 import argparse
 import sys
 
-from . import bench_report, build_info, demo
+from . import bench_report, build_info, demo, experiment
 
 
 def info(args):
@@ -26,6 +26,7 @@ def main(argv=None):
     subparsers.add_parser("info", help="what this installation built and which backends it can use").set_defaults(func=info)
     demo.add_parser(subparsers)
     bench_report.add_parser(subparsers)
+    experiment.add_parsers(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -18,22 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import SM4EncoderLayer, SparseMoEAttention, SparseMoEFFN
+from ..training.adaptive import modality_gradient_scale
 from .config import ModelConfig
 from .tokenize import Tokenizer
-
-
-class ScaleGradient(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``weight`` (broadcast over features)."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(weight)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return grad * weight.to(grad.dtype), None
 
 
 class Attention(nn.Module):
@@ -131,7 +118,7 @@ class SM4Model(nn.Module):
         self.register_buffer("modality_k", torch.full((len(self.modality_names),), config.top_k, dtype=torch.long))
         self.register_buffer("modality_weight", torch.ones(len(self.modality_names)))
         self.scale_gradients = False
-        self._token_weight = None  # (B, L, 1) weights of the current forward, for the hooks
+        self._token_modality = None  # (B, L) modality ids of the current forward, for the hooks
         self.last_token_modality = None  # (B * L,) modality id of each token the layers saw
         for layer in self.layers:
             for part in (layer.self_attn, getattr(layer, "ffn", None)):
@@ -155,9 +142,9 @@ class SM4Model(nn.Module):
                     self.modality_weight[self.modality_names.index(name)] = float(value)
 
     def _scale(self, x):
-        if not self.scale_gradients or self._token_weight is None or not torch.is_grad_enabled():
+        if not self.scale_gradients or self._token_modality is None:
             return x
-        return ScaleGradient.apply(x, self._token_weight)
+        return modality_gradient_scale(x, self._token_modality, self.modality_weight)
 
     def _scale_output_hook(self, module, inputs, output):
         if isinstance(output, tuple):  # attention: (output, weights)
@@ -186,14 +173,14 @@ class SM4Model(nn.Module):
             ids.append(torch.full(encoded.shape[:2], self.modality_names.index(name), dtype=torch.long, device=encoded.device))
         x = torch.cat(latents, dim=1)
         modality_ids = torch.cat(ids, dim=1)  # (B, L)
-        self._token_weight = self.modality_weight[modality_ids].unsqueeze(-1)
+        self._token_modality = modality_ids
         self.last_token_modality = modality_ids.reshape(-1)
         x = self._scale(x)
         token_k = self.modality_k[modality_ids]
         for layer in self.layers:
             x = layer(x, token_k=token_k)
         x = self.final_norm(x)
-        self._token_weight = None
+        self._token_modality = None
         # Head input in the task's modality order, zeros for modalities left out by `keep`.
         n = self.config.latent_tokens
         slots = {name: x[:, i * n:(i + 1) * n] for i, name in enumerate(used)}

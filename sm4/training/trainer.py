@@ -1,0 +1,284 @@
+"""The multi-task training loop of SM4 (SM4_SPEC §3).
+
+Each optimiser step takes one batch of every task (smaller tasks cycle); the loss is the sum of
+the weighted task losses and every sparse module's balancing loss; one Adam step. After each
+epoch: validation (each task's loss and metric), AEA (per-modality k from each modality's
+validation loss with only that modality kept), ALP (per-modality gradient weights from the
+epoch's mean routing entropy), a JSON-lines log entry, and checkpoints written atomically
+(``last.pt`` every epoch, ``best.pt`` at the best epoch by Σ eval_weight · metric, with the sign
+flipped for lower-is-better metrics). ``fit(resume=True)`` continues from ``last.pt`` exactly:
+model, optimiser, scheduler, AEA/ALP state, and the RNG states (router noise, dropout, shuffling).
+"""
+
+import json
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..modules import SparseMoEModule, collect_aux_loss
+from .adaptive import AdaptiveExpertAllocation, AdaptiveLearningPace, modality_validation_loss
+
+HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never half a checkpoint."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+        temporary = handle.name
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "classification":
+        return F.cross_entropy(output.float(), target)
+    return F.mse_loss(output.float(), target.float().view_as(output))
+
+
+def task_metric(metric: str, output: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
+    """(sum of the metric over the batch, batch size): accuracy counts, or squared errors."""
+    if metric == "accuracy":
+        return float((output.argmax(-1) == target).sum()), target.shape[0]
+    return float(F.mse_loss(output.float(), target.float().view_as(output), reduction="sum") / output.shape[1]), target.shape[0]
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    aux_loss: float
+    val: dict
+    score: float
+    k: dict
+    alp_weights: dict
+    entropy: dict
+    best_epoch: int
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains an SM4Model on a MultiTaskData (sm4.data) with a Setting's TrainConfig.
+
+    out_dir receives ``log.jsonl``, ``last.pt`` and ``best.pt``. progress: tqdm bars.
+    """
+
+    def __init__(self, model, data, train_config, out_dir: str, progress: bool = True, device: str | torch.device = "cpu"):
+        train_config.validate()
+        self.model, self.data, self.config = model.to(device), data, train_config
+        self.out_dir, self.progress, self.device = out_dir, progress, torch.device(device)
+        self.tasks = list(data.tasks)
+        self.task_modalities = {task: list(spec.modalities) for task, spec in data.tasks.items()}
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=train_config.epochs)
+                          if train_config.cosine else None)
+        modalities = list(model.modality_names)
+        self.aea = AdaptiveExpertAllocation(modalities, model.config.top_k, enabled=train_config.aea)
+        self.alp = AdaptiveLearningPace(modalities, enabled=train_config.alp, mode=train_config.alp_mode)
+        self.shuffle = torch.Generator().manual_seed(train_config.seed)
+        self.epoch = 0
+        self.best_score, self.best_epoch = -math.inf, 0
+        self.history: list[dict] = []
+        self._apply_adaptive_state()
+
+    # ---- one epoch ----------------------------------------------------------------------------
+
+    def _loaders(self, split: str, shuffle: bool, tasks=None):
+        from ..data import task_loader
+
+        return {task: task_loader(self.data, task, split, self.config.batch_size, shuffle=shuffle,
+                                  generator=self.shuffle if shuffle else None) for task in (tasks or self.tasks)}
+
+    def _to_device(self, batch):
+        inputs, target = batch
+        return {name: x.to(self.device) for name, x in inputs.items()}, target.to(self.device)
+
+    def _record_entropy(self):
+        ids = self.model.last_token_modality
+        for module in self.model.modules():
+            if isinstance(module, SparseMoEModule):
+                for stats in module.routing_stats.values():
+                    if stats["entropy"].shape == ids.shape:
+                        self.alp.add(stats["entropy"], ids)
+
+    def train_epoch(self) -> tuple[float, float]:
+        self.model.train()
+        loaders = self._loaders("train", shuffle=True)
+        steps = max(len(loader) for loader in loaders.values())
+        iterators = {task: iter(loader) for task, loader in loaders.items()}
+        total = aux_total = 0.0
+        bar = _progress(range(steps), f"epoch {self.epoch + 1}/{self.config.epochs}", self.progress)
+        for _ in bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            aux = 0.0
+            for task in self.tasks:
+                try:
+                    batch = next(iterators[task])
+                except StopIteration:  # smaller tasks cycle
+                    iterators[task] = iter(loaders[task])
+                    batch = next(iterators[task])
+                inputs, target = self._to_device(batch)
+                spec = self.data.tasks[task]
+                output = self.model(task, inputs)
+                weight = spec.train_weight
+                if self.config.alp and self.config.alp_mode == "loss":
+                    weight *= self.alp.task_loss_scale(self.task_modalities[task])
+                loss = loss + weight * task_loss(spec.kind, output, target)
+                aux = aux + collect_aux_loss(self.model)
+                self._record_entropy()
+            total_loss = loss + aux
+            total_loss.backward()
+            if self.config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            total += float(loss.detach())
+            aux_total += float(aux.detach()) if torch.is_tensor(aux) else aux
+            if self.progress:
+                bar.set_postfix(loss=f"{total / (bar.n + 1):.4f}")
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return total / steps, aux_total / steps
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val", keep: dict[str, list[str]] | None = None, tasks=None) -> dict:
+        """{task: {"loss", metric name}} on a split (of ``tasks``, default all); keep: {task:
+        modalities} to drop the others' tokens."""
+        self.model.eval()
+        results = {}
+        for task, loader in self._loaders(split, shuffle=False, tasks=tasks).items():
+            spec = self.data.tasks[task]
+            loss_sum = metric_sum = count = 0.0
+            for batch in loader:
+                inputs, target = self._to_device(batch)
+                output = self.model(task, inputs, keep=None if keep is None else keep.get(task))
+                loss_sum += float(task_loss(spec.kind, output, target)) * target.shape[0]
+                value, n = task_metric(spec.metric, output, target)
+                metric_sum += value
+                count += n
+            results[task] = {"loss": loss_sum / max(count, 1), spec.metric: metric_sum / max(count, 1)}
+        return results
+
+    def score(self, results: dict) -> float:
+        total = 0.0
+        for task, values in results.items():
+            spec = self.data.tasks[task]
+            sign = 1.0 if HIGHER_IS_BETTER[spec.metric] else -1.0
+            total += spec.eval_weight * sign * values[spec.metric]
+        return total
+
+    def _modality_losses(self) -> dict[str, float]:
+        """Each modality's validation loss: the loss of each task that has it with only that
+        modality's tokens kept, averaged over those tasks (SM4_SPEC §3)."""
+        per_task = {}
+        for task, mods in self.task_modalities.items():
+            if len(mods) == 1:  # only one modality: its loss is the task's
+                per_task[task] = {mods[0]: self._val[task]["loss"]}
+                continue
+            per_task[task] = {m: self.evaluate("val", keep={task: [m]}, tasks=[task])[task]["loss"] for m in mods}
+        return modality_validation_loss(per_task, self.task_modalities)
+
+    def _apply_adaptive_state(self):
+        self.model.set_modality_k(self.aea.k)
+        self.model.set_modality_weights(self.alp.weights if self.config.alp and self.config.alp_mode == "gradient" else None)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self, resume: bool = True) -> list[dict]:
+        last = os.path.join(self.out_dir, "last.pt")
+        if resume and os.path.exists(last):
+            self.load_checkpoint(last)
+        while self.epoch < self.config.epochs:
+            train_loss, aux_loss = self.train_epoch()
+            self._val = self.evaluate("val")
+            k = self.aea.step(self._modality_losses()) if self.config.aea else self.aea.k
+            weights = self.alp.step()
+            entropy = self.alp.entropy  # the epoch's mean routing entropy per modality
+            self.epoch += 1
+            self._apply_adaptive_state()
+            score = self.score(self._val)
+            if score > self.best_score:
+                self.best_score, self.best_epoch = score, self.epoch
+                save_atomically(self.checkpoint(), os.path.join(self.out_dir, "best.pt"))
+            entry = EpochLog(self.epoch, train_loss, aux_loss, self._val, score, dict(k), dict(weights), entropy,
+                             self.best_epoch).__dict__
+            self.history.append(entry)
+            _append_jsonl(os.path.join(self.out_dir, "log.jsonl"), entry)
+            save_atomically(self.checkpoint(), last)
+        return self.history
+
+    def checkpoint(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "aea": self.aea.state_dict(),
+            "alp": self.alp.state_dict(),
+            "best": (self.best_score, self.best_epoch),
+            "history": self.history,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "shuffle": self.shuffle.get_state()},
+        }
+
+    def load_checkpoint(self, path: str) -> None:
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise ValueError(f"{path}: not a readable sm4 checkpoint ({type(error).__name__}: {error})") from error
+        missing = [key for key in ("epoch", "model", "optimizer", "aea", "alp", "rng") if key not in state]
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {missing}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.aea.load_state_dict(state["aea"])
+        self.alp.load_state_dict(state["alp"])
+        self.best_score, self.best_epoch = state["best"]
+        self.history = list(state.get("history", []))
+        self.epoch = state["epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.shuffle.set_state(state["rng"]["shuffle"])
+        self._apply_adaptive_state()
+
+
+def _append_jsonl(path: str, entry: dict) -> None:
+    # One line per epoch, appended and flushed: a crash loses at most the line being written.
+    with open(path, "a") as handle:
+        handle.write(json.dumps(entry, default=float) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _progress(iterable, description: str, enabled: bool):
+    if not enabled:
+        return _Plain(iterable)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, leave=False)
+
+
+class _Plain:
+    """The bits of a tqdm bar the loop uses, without output."""
+
+    def __init__(self, iterable):
+        self.iterable, self.n = iterable, 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+
+    def set_postfix(self, **_):
+        pass

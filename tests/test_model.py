@@ -1,0 +1,147 @@
+"""The SM4 model: settings, tokenisation against hand-computed encodings, the forward pass per task,
+per-modality k and ALP gradient scaling, FLOP counting."""
+
+import math
+
+import pytest
+import torch
+
+import sm4
+from sm4.model import SETTINGS, ModelConfig, Setting, SM4Model, Tokenizer, fourier_encode, frequencies, get_setting
+from sm4.model.tokenize import grid_positions, patchify
+
+MODALITIES = {"image": ("image", (4, 4, 1)), "series": ("sequence", (6, 2)), "table": ("tabular", (3, 1))}
+TASKS = {"both": (("image", "series"), 5), "table": (("table",), 1)}
+
+
+def small_config(**overrides):
+    values = dict(latent_tokens=3, width=16, cross_head_dim=8, latent_heads=2, latent_head_dim=8, heads=4,
+                  ffn_hidden=16, num_experts=4, top_k=2, num_freq_bands=2, dropout=0.0)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def inputs(batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(batch, 4, 4, 1, generator=g), "series": torch.randn(batch, 6, 2, generator=g),
+            "table": torch.randn(batch, 3, 1, generator=g)}
+
+
+def test_frequency_schedules_match_the_two_perceiver_codes():
+    # perceiver-multi-modality-pytorch: logspace(1, log(max_freq / 2) / log(base), bands, base)
+    torch.testing.assert_close(frequencies(4, 16.0, "logspace", 2.0), torch.tensor([2.0, 2.0**(5 / 3), 2.0**(7 / 3), 8.0], dtype=torch.float64))
+    torch.testing.assert_close(frequencies(3, 10.0, "linspace"), torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="schedule"):
+        frequencies(3, 10.0, "cubic")
+
+
+def test_fourier_encoding_by_hand():
+    p = torch.tensor([[0.5]], dtype=torch.float64)
+    encoded = fourier_encode(p, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    expected = [math.sin(math.pi * 0.5), math.sin(math.pi), math.cos(math.pi * 0.5), math.cos(math.pi), 0.5]
+    torch.testing.assert_close(encoded[0], torch.tensor(expected, dtype=torch.float64))
+    two_axes = fourier_encode(torch.tensor([[0.5, -1.0]], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
+    torch.testing.assert_close(two_axes[0], torch.tensor([1.0, 0.0, 0.5, 0.0, -1.0, -1.0], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_grid_positions_and_patches():
+    torch.testing.assert_close(grid_positions((3,))[:, 0], torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64))
+    assert grid_positions((2, 3)).shape == (6, 2)
+    image = torch.arange(16.0).view(1, 4, 4, 1)
+    patches, grid = patchify(image, 2)
+    assert grid == (2, 2) and patches.shape == (1, 4, 4)
+    torch.testing.assert_close(patches[0, 0], torch.tensor([0.0, 1.0, 4.0, 5.0]))
+    with pytest.raises(ValueError, match="does not split"):
+        patchify(torch.zeros(1, 5, 4, 1), 2)
+
+
+def test_tokens_carry_features_padding_positions_and_the_modality_code():
+    tokenizer = Tokenizer(MODALITIES, num_bands=2, max_freq=8.0)
+    # widths: features max 2; positions max 2 axes x (2 * 2 + 1) = 10; one-hot 3
+    assert tokenizer.width == 2 + 10 + 3
+    x = inputs()
+    tokens = tokenizer("series", x["series"])
+    assert tokens.shape == (3, 6, 15)
+    torch.testing.assert_close(tokens[..., :2], x["series"])
+    assert (tokens[..., 2 + 5:2 + 10] == 0).all()  # the second axis is padding for 1-D positions
+    assert (tokens[..., -3:] == torch.tensor([0.0, 1.0, 0.0])).all()
+    image_tokens = tokenizer("image", x["image"])
+    assert image_tokens.shape == (3, 16, 15) and (image_tokens[..., 1] == 0).all()  # feature padding
+
+
+def test_published_settings_and_files(tmp_path):
+    assert SETTINGS["medium"].model.num_experts == 32 and SETTINGS["small"].model.latent_tokens == 20
+    assert SETTINGS["large"].train.weight_decay == 1e-3
+    setting = get_setting("medium")
+    setting.model.num_experts = 4  # a copy: the published setting is untouched
+    assert SETTINGS["medium"].model.num_experts == 32
+    path = tmp_path / "setting.json"
+    setting.save(str(path))
+    assert Setting.load(str(path)) == setting
+    path.write_text('{"model": {"num_expert": 3}}')
+    with pytest.raises(ValueError, match="unknown model fields \\['num_expert'\\]"):
+        Setting.load(str(path))
+    with pytest.raises(ValueError, match="top_k"):
+        ModelConfig(num_experts=2, top_k=3).validate()
+
+
+def test_forward_per_task_and_with_one_modality_kept():
+    torch.manual_seed(0)
+    model = SM4Model(small_config(), MODALITIES, TASKS).eval()
+    x = inputs()
+    assert model("both", x).shape == (3, 5)
+    assert model("table", x).shape == (3, 1)
+    assert model("both", x, keep=["series"]).shape == (3, 5)
+    assert model.last_token_modality.tolist() == [1] * 3 * 3  # only the series tokens ran
+    with pytest.raises(ValueError, match="missing \\['series'\\]"):
+        model("both", {"image": x["image"]})
+    with pytest.raises(KeyError, match="unknown task"):
+        model("nope", x)
+
+
+def test_per_modality_k_reaches_every_router():
+    torch.manual_seed(0)
+    model = SM4Model(small_config(), MODALITIES, TASKS).eval()
+    model.set_modality_k({"image": 1, "series": 2})
+    model("both", inputs())
+    layer = model.layers[0]
+    for stats in (*layer.self_attn.routing_stats.values(), *layer.ffn.routing_stats.values()):
+        # 3 samples x (3 image latents x 1 + 3 series latents x 2)
+        assert int(stats["expert_counts"].sum()) == 3 * (3 * 1 + 3 * 2)
+    with pytest.raises(ValueError, match="must be in \\[1, top_k=2\\]"):
+        model.set_modality_k({"image": 3})
+
+
+def test_alp_weights_scale_only_the_gradients():
+    torch.manual_seed(0)
+    model = SM4Model(small_config(), MODALITIES, TASKS).train()
+    x = inputs()
+
+    def grads(weights):
+        torch.manual_seed(1)
+        model.zero_grad()
+        model.set_modality_weights(weights)
+        out = model("both", x)
+        out.square().sum().backward()
+        return out.detach(), model.encoder.latents.grad.clone()
+
+    out_plain, grad_plain = grads(None)
+    out_ones, grad_ones = grads({"image": 1.0, "series": 1.0, "table": 1.0})
+    out_half, grad_half = grads({"image": 0.5, "series": 0.5, "table": 0.5})
+    torch.testing.assert_close(out_half, out_plain)  # identity forward
+    torch.testing.assert_close(grad_ones, grad_plain)
+    assert not torch.allclose(grad_half, grad_plain)
+
+
+def test_dense_ablation_and_flops():
+    torch.manual_seed(0)
+    sparse = SM4Model(small_config(), MODALITIES, TASKS).eval()
+    dense = SM4Model(small_config(dense=True), MODALITIES, TASKS).eval()
+    assert dense.layers[0].ffn is None and isinstance(dense.layers[0].self_attn, torch.nn.MultiheadAttention)
+    from sm4.flops import count_flops
+
+    x = {name: t[:1] for name, t in inputs().items()}
+    sparse_flops, dense_flops = count_flops(sparse, "both", x), count_flops(dense, "both", x)
+    # equal expert FLOPs by construction; the sparse model adds the routers and top_k-wide Q/K/V
+    assert 0.8 < sparse_flops / dense_flops < 1.6
+    assert sm4.collect_aux_loss(sparse).item() >= 0
