@@ -24,7 +24,7 @@ as part of the package.
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -101,8 +101,10 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["sm4", "sm4.kernels"],
+    # Every subpackage of sm4/, plus kernels/ installed as sm4.kernels.
+    packages=["sm4", *(f"sm4.{p}" for p in find_packages("sm4")), "sm4.kernels"],
     package_dir={"sm4": "sm4", "sm4.kernels": "kernels"},
+    package_data={"sm4.data": ["*.npz"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     # torch and triton are installed by the Makefile (torch pinned, see README): listing torch

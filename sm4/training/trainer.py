@@ -83,7 +83,9 @@ class Trainer:
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=train_config.epochs)
                           if train_config.cosine else None)
         modalities = list(model.modality_names)
-        self.aea = AdaptiveExpertAllocation(modalities, model.config.top_k, enabled=train_config.aea)
+        # literal_clamp=False: "revert" undoes only a growth that happened (a plateau at k_max does
+        # not grow, so a second one freezes the modality at k_max instead of dropping it below).
+        self.aea = AdaptiveExpertAllocation(modalities, model.config.top_k, enabled=train_config.aea, literal_clamp=False)
         self.alp = AdaptiveLearningPace(modalities, enabled=train_config.alp, mode=train_config.alp_mode)
         self.shuffle = torch.Generator().manual_seed(train_config.seed)
         self.epoch = 0
