@@ -15,6 +15,8 @@ TORCH_PIN ?= torch==2.13.0
 # this package is tested with here.
 TRITON_PIN ?= triton==3.9.0
 TOOLS := setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark
+# only to regenerate the bundled benchmark (sm4/data/bundled_benchmark.npz ships with the package)
+DATA_TOOLS := scikit-learn==1.9.1 mnist1d==0.0.2.post1
 PYTEST_FLAGS ?=
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
@@ -41,7 +43,7 @@ $(VENV)/.deps: Makefile
 	else \
 		$(PYTHON) -m venv $(VENV); \
 	fi
-	$(PIP) install --progress-bar off $(TOOLS)
+	$(PIP) install --progress-bar off $(TOOLS) $(DATA_TOOLS)
 	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install --progress-bar off $(TORCH_PIN)
 	@$(PY) -c 'import triton' 2>/dev/null || $(PIP) install --progress-bar off $(TRITON_PIN)
 	touch $@

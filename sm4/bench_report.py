@@ -12,9 +12,9 @@ kernels read beside their baselines; ``--markdown`` prints the same tables for B
 import argparse
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
+
+from ._io import write_atomically
 
 BASELINES = ("plain_loop", "reference", "dense_mm")
 
@@ -130,17 +130,10 @@ def plot(data: dict, path: str) -> None:
     for axis in list(axes.flat)[len(groups):]:
         axis.axis("off")
     figure.tight_layout()
-    # Written atomically: a reader never sees half a PNG.
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as handle:
-        temporary = handle.name
     try:
-        figure.savefig(temporary, dpi=110)
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110), suffix=".png")
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def add_parser(subparsers) -> None:

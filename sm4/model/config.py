@@ -9,8 +9,9 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
+
+from .._io import write_text_atomically
 
 
 @dataclass
@@ -121,12 +122,7 @@ class Setting:
 
     def save(self, path: str) -> None:
         """Write JSON (or YAML for .yaml/.yml) atomically."""
-        text = _dump(self.to_dict(), path)
-        directory = os.path.dirname(os.path.abspath(path))
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-            handle.write(text)
-            temporary = handle.name
-        os.replace(temporary, path)
+        write_text_atomically(path, _dump(self.to_dict(), path))
 
     @classmethod
     def load(cls, path: str) -> "Setting":

@@ -14,12 +14,12 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .._io import write_atomically
 from ..modules import SparseMoEModule, collect_aux_loss
 from .adaptive import AdaptiveExpertAllocation, AdaptiveLearningPace, modality_validation_loss
 
@@ -27,17 +27,8 @@ HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
 
 
 def save_atomically(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never half a checkpoint."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-        temporary = handle.name
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """torch.save through a temporary file and a rename: a crash never leaves half a checkpoint."""
+    write_atomically(path, lambda temporary: torch.save(obj, temporary))
 
 
 def task_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

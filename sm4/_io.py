@@ -1,0 +1,28 @@
+"""Atomic file writes: the content goes to a temporary file in the target's folder, which then
+replaces the target in one rename, so a reader (or a crash) never sees half a file."""
+
+import os
+import tempfile
+from collections.abc import Callable
+
+
+def write_atomically(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call ``write(temporary_path)``, then move the temporary file onto ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=suffix, delete=False) as handle:
+        temporary = handle.name
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            handle.write(text)
+
+    write_atomically(path, write)

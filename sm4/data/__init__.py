@@ -1,0 +1,30 @@
+"""Data for sm4's multi-modal multi-task models.
+
+``sm4.data.bundled``: the small bundled benchmark (see its docstring)::
+
+    from sm4.data import load_bundled, task_loader
+    data = load_bundled()
+    for inputs, target in task_loader(data, "digits", "train", batch_size=32, shuffle=True):
+        ...
+
+The names are imported lazily, so ``python -m sm4.data.bundled`` runs without a double import.
+"""
+
+_BUNDLED = (
+    "DEFAULT_PATH", "FORMAT_VERSION", "GENERATOR_REQUIREMENTS", "SPLITS", "BundledDataset",
+    "ModalitySpec", "MultiTaskData", "TaskSpec", "collate", "load_bundled", "make_bundled", "task_loader",
+)
+
+__all__ = list(_BUNDLED)
+
+
+def __getattr__(name):
+    if name in _BUNDLED:
+        from . import bundled
+
+        return getattr(bundled, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_BUNDLED))
