@@ -76,7 +76,12 @@ def run_main_job(args):
     plot_path = os.path.join(args.out, "curves.png")
     plot_runs({label: r["trainer"].history for label, r in runs.items()},
               {task: spec.metric for task, spec in data.tasks.items()}, plot_path)
-    print(f"plots: {plot_path}; logs and checkpoints: {args.out}/<run>/")
+    from .training.plots import plot_expert_usage
+
+    usage_path = os.path.join(args.out, "expert_usage.png")
+    sm4_model = runs["SM4"]["trainer"].model
+    plot_expert_usage(experiment.expert_usage(sm4_model, data), sm4_model.modality_names, list(data.tasks), usage_path)
+    print(f"plots: {plot_path}, {usage_path}; logs and checkpoints: {args.out}/<run>/")
 
 
 def run_kernels(args):

@@ -166,3 +166,37 @@ def add_parsers(subparsers) -> None:
     eval_parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     eval_parser.set_defaults(func=run_eval)
 
+
+
+@torch.no_grad()
+def expert_usage(model, data, split: str = "val", batch_size: int = 256) -> dict[str, dict[str, torch.Tensor]]:
+    """Which experts each modality's and each task's tokens use: {router: {"modality": (M, E),
+    "task": (tasks, E)}} assignment counts over a split, for every router of every sparse layer
+    (named "layer<i>.<q|k|v|ffn>"). The papers' appendix heat maps."""
+    from .data import task_loader
+    from .modules import SparseMoEAttention, SparseMoEFFN
+
+    model.eval()
+    routers = {}
+    for index, layer in enumerate(model.layers):
+        for part in (layer.self_attn, getattr(layer, "ffn", None)):
+            if isinstance(part, (SparseMoEAttention, SparseMoEFFN)):
+                routers[f"layer{index}.{'attn' if isinstance(part, SparseMoEAttention) else 'ffn'}"] = part
+    experts = model.config.num_experts
+    usage = {}
+    tasks = list(data.tasks)
+    for task_index, task in enumerate(tasks):
+        for inputs, _ in task_loader(data, task, split, batch_size=batch_size):
+            model(task, inputs)
+            token_modality = model.last_token_modality
+            for prefix, module in routers.items():
+                for name, stats in module.routing_stats.items():
+                    key = f"{prefix}.{name}" if prefix.endswith("attn") else prefix
+                    counts = usage.setdefault(key, {"modality": torch.zeros(len(model.modality_names), experts),
+                                                    "task": torch.zeros(len(tasks), experts)})
+                    ids = stats["expert_ids"]
+                    active = ids >= 0
+                    rows = token_modality[:, None].expand_as(ids)[active]
+                    counts["modality"].index_put_((rows, ids[active]), torch.ones(rows.shape[0]), accumulate=True)
+                    counts["task"][task_index].index_add_(0, ids[active], torch.ones(rows.shape[0]))
+    return usage

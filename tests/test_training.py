@@ -79,3 +79,25 @@ def test_command_lines(data, tmp_path, capsys):
     assert "val:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["train", "--help"])
+
+
+def test_expert_usage_counts_every_assignment(data, tmp_path):
+    torch.manual_seed(0)
+    setting = tiny_setting()
+    model = experiment.build_model(setting, data)
+    model.set_modality_k({"image": 1})
+    usage = experiment.expert_usage(model, data, split="val")
+    assert set(usage) == {"layer0.attn.q", "layer0.attn.k", "layer0.attn.v", "layer0.ffn"}
+    latents = setting.model.latent_tokens
+    expected = 0
+    for task, spec in data.tasks.items():
+        samples = len(data.splits[task]["val"])
+        expected += sum(samples * latents * (1 if m == "image" else 2) for m in spec.modalities)
+    for counts in usage.values():
+        assert counts["modality"].sum() == expected and counts["task"].sum() == expected
+    image = model.modality_names.index("image")
+    assert counts["modality"][image].sum() == len(data.splits["digits"]["val"]) * latents  # k = 1 for images
+    from sm4.training.plots import plot_expert_usage
+
+    plot_expert_usage(usage, model.modality_names, list(data.tasks), str(tmp_path / "usage.png"))
+    assert (tmp_path / "usage.png").stat().st_size > 0

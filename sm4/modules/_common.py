@@ -52,8 +52,9 @@ class SparseMoEModule(nn.Module):
     Attributes after a forward:
         aux_loss: () tensor, ``balance_loss_weight * sum over this module's routers of
             (CV^2(importance) + CV^2(load))``, differentiable; None before the first forward.
-        routing_stats: {router name: {"expert_counts": (E,) int64, "entropy": (T,) per-token
-            routing entropy, "load": (E,), "importance": (E,)}}, detached.
+        routing_stats: {router name: {"expert_counts": (E,) int64, "expert_ids": (T, k) int64
+            (-1 = inactive rank), "entropy": (T,) per-token routing entropy, "load": (E,),
+            "importance": (E,)}}, detached.
     """
 
     def __init__(self, config: MoEConfig):
@@ -72,6 +73,7 @@ class SparseMoEModule(nn.Module):
         self.routing_stats = {
             name: {
                 "expert_counts": r.expert_counts.detach(),
+                "expert_ids": r.expert_ids.detach(),
                 "entropy": r.entropy.detach(),
                 "load": r.load.detach(),
                 "importance": r.importance.detach(),

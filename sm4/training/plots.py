@@ -43,3 +43,30 @@ def plot_runs(histories: dict[str, list[dict]], metrics: dict[str, str], path: s
         write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100), suffix=".png")
     finally:
         plt.close(figure)
+
+
+def plot_expert_usage(usage: dict, modality_names: list[str], task_names: list[str], path: str) -> None:
+    """Heat maps of sm4.experiment.expert_usage: per router, the share of each modality's (top row)
+    and each task's (bottom row) assignments that go to each expert. Writes ``path`` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routers = list(usage)
+    figure, axes = plt.subplots(2, len(routers), figsize=(3.2 * len(routers), 5.0), squeeze=False)
+    for column, router in enumerate(routers):
+        for row, (kind, names) in enumerate((("modality", modality_names), ("task", task_names))):
+            counts = usage[router][kind]
+            share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+            axis = axes[row][column]
+            axis.imshow(share.numpy(), aspect="auto", cmap="viridis")
+            axis.set_yticks(range(len(names)), names, fontsize=6)
+            axis.set_title(f"{router}: per {kind}", fontsize=8)
+            axis.set_xlabel("expert", fontsize=7)
+            axis.tick_params(axis="x", labelsize=6)
+    figure.tight_layout()
+    try:
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100), suffix=".png")
+    finally:
+        plt.close(figure)
