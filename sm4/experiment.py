@@ -4,6 +4,7 @@ a dense model of equal FLOPs; and the command lines ``python -m sm4 train`` / ``
     python -m sm4 train --setting medium --epochs 10 --out runs/sm4      # AEA and ALP on
     python -m sm4 train --setting medium --dense --out runs/dense        # the dense baseline
     python -m sm4 eval runs/sm4/best.pt                                  # test-set table
+    torchrun --nproc-per-node 2 -m sm4 train --out runs/ddp              # data-parallel (gloo on CPU)
 """
 
 import os
@@ -101,11 +102,15 @@ def _load_data(path):
 
 
 def run_train(args) -> int:
+    from .training import distributed
+
+    distributed.init_from_environment(args.device)  # under torchrun: one process per share of each batch
     setting = _setting_from_args(args)
     data = _load_data(args.data)
     model, trainer, test = train(setting, data, args.out, progress=not args.quiet, resume=not args.no_resume,
                                  device=args.device)
-    print(format_results(data, {"test": test}, trainer=trainer))
+    if distributed.rank() == 0:
+        print(format_results(data, {"test": test}, trainer=trainer))
     return 0
 
 

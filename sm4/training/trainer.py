@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .._io import write_atomically
 from ..modules import SparseMoEModule, collect_aux_loss
+from . import distributed
 from .adaptive import AdaptiveExpertAllocation, AdaptiveLearningPace, modality_validation_loss
 
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
@@ -109,8 +110,8 @@ class Trainer:
         loaders = self._loaders("train", shuffle=True)
         steps = max(len(loader) for loader in loaders.values())
         iterators = {task: iter(loader) for task, loader in loaders.items()}
-        total = aux_total = 0.0
-        bar = _progress(range(steps), f"epoch {self.epoch + 1}/{self.config.epochs}", self.progress)
+        total = aux_total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
+        bar = _progress(range(steps), f"epoch {self.epoch + 1}/{self.config.epochs}", self.progress and distributed.rank() == 0)
         for _ in bar:
             self.optimizer.zero_grad(set_to_none=True)
             loss = 0.0
@@ -121,27 +122,29 @@ class Trainer:
                 except StopIteration:  # smaller tasks cycle
                     iterators[task] = iter(loaders[task])
                     batch = next(iterators[task])
+                batch, fraction = distributed.share(batch)  # this process's rows (all of them alone)
                 inputs, target = self._to_device(batch)
                 spec = self.data.tasks[task]
                 output = self.model(task, inputs)
-                weight = spec.train_weight
+                weight = spec.train_weight * fraction
                 if self.config.alp and self.config.alp_mode == "loss":
                     weight *= self.alp.task_loss_scale(self.task_modalities[task])
                 loss = loss + weight * task_loss(spec.kind, output, target)
-                aux = aux + collect_aux_loss(self.model)
+                aux = aux + collect_aux_loss(self.model) / distributed.world_size()
                 self._record_entropy()
             total_loss = loss + aux
             total_loss.backward()
+            distributed.sum_gradients(self.model.parameters())
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
-            total += float(loss.detach())
-            aux_total += float(aux.detach()) if torch.is_tensor(aux) else aux
-            if self.progress:
-                bar.set_postfix(loss=f"{total / (bar.n + 1):.4f}")
+            total += loss.detach()
+            aux_total += aux.detach() if torch.is_tensor(aux) else aux
         if self.scheduler is not None:
             self.scheduler.step()
-        return total / steps, aux_total / steps
+        distributed.sum_(total)
+        distributed.sum_(aux_total)
+        return float(total) / steps, float(aux_total) / steps
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", keep: dict[str, list[str]] | None = None, tasks=None) -> dict:
@@ -195,19 +198,24 @@ class Trainer:
             train_loss, aux_loss = self.train_epoch()
             self._val = self.evaluate("val")
             k = self.aea.step(self._modality_losses()) if self.config.aea else self.aea.k
+            if self.alp.meter.accumulator is not None:  # every process then computes the same weights
+                distributed.sum_(self.alp.meter.accumulator)
             weights = self.alp.step()
             entropy = self.alp.entropy  # the epoch's mean routing entropy per modality
             self.epoch += 1
             self._apply_adaptive_state()
             score = self.score(self._val)
+            writer = distributed.rank() == 0
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, self.epoch
-                save_atomically(self.checkpoint(), os.path.join(self.out_dir, "best.pt"))
+                if writer:
+                    save_atomically(self.checkpoint(), os.path.join(self.out_dir, "best.pt"))
             entry = EpochLog(self.epoch, train_loss, aux_loss, self._val, score, dict(k), dict(weights), entropy,
                              self.best_epoch).__dict__
             self.history.append(entry)
-            _append_jsonl(os.path.join(self.out_dir, "log.jsonl"), entry)
-            save_atomically(self.checkpoint(), last)
+            if writer:
+                _append_jsonl(os.path.join(self.out_dir, "log.jsonl"), entry)
+                save_atomically(self.checkpoint(), last)
         return self.history
 
     def checkpoint(self) -> dict:
@@ -263,15 +271,10 @@ def _progress(iterable, description: str, enabled: bool):
 
 
 class _Plain:
-    """The bits of a tqdm bar the loop uses, without output."""
+    """An iterable standing in for a tqdm bar, without output."""
 
     def __init__(self, iterable):
-        self.iterable, self.n = iterable, 0
+        self.iterable = iterable
 
     def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.n += 1
-
-    def set_postfix(self, **_):
-        pass
+        return iter(self.iterable)
