@@ -10,10 +10,10 @@ import torch
 
 from sm4 import backends, ops
 
-SHAPES = {
-    "medium": (32 * 24, 2, 32),  # the papers' medium setting: 32 sequences x 24 tokens, E = 32
-    "scale_T16384_E64": (16384, 2, 64),
-}
+from .shapes import routing_shapes
+
+# name: (T, k, E)
+SHAPES = {name: (t, k, e) for name, (t, _, e, k) in routing_shapes().items()}
 ORDER = ["reference", "cpu", "cuda", "triton"]  # reference first: the speedups need its time
 
 

@@ -20,13 +20,16 @@ import torch.nn.functional as F
 
 from sm4 import backends, ops
 
-# (T, d, h, E, k); medium = 32 sequences x 24 latent tokens, d = 64 (SM4_SPEC published settings)
-LAYER_SHAPES = {"medium": (32 * 24, 64, 128, 32, 2)}
+from .shapes import FULL, PAPER, SCALE, tokens
+
+# (T, d, h, E, k): the papers' three settings (benchmarks/shapes.py)
+LAYER_SHAPES = {name: (tokens(s), s["d"], s["h"], s["E"], s["k"]) for name, s in PAPER.items()}
 GEMM_SHAPES = {
-    "cpu": {"scale_T16384_d1024_h4096_E64": (16384, 1024, 4096, 64, 2)},
+    "cpu": {name: (s["T"], s["d"], s["h"], s["E"], s["k"]) for name, s in SCALE.items() if s["d"] == 1024},
     "cuda": {
         "gpu_T16384_d4096_h14336_E8": (16384, 4096, 14336, 8, 2),
         "gpu_T16384_d4096_h14336_E64": (16384, 4096, 14336, 64, 2),
+        **({name: (s["T"], s["d"], s["h"], s["E"], s["k"]) for name, s in SCALE.items()} if FULL else {}),
     },
 }
 KERNEL_PATHS = ["cpu", "cuda", "triton"]
@@ -152,11 +155,12 @@ def test_grouped_gemm(benchmark, record, device, shape, path):
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-def test_moe_qkv(benchmark, record, device, mode, path, fused):
+@pytest.mark.parametrize("shape", list(LAYER_SHAPES))
+def test_moe_qkv(benchmark, record, device, shape, mode, path, fused):
     reason = skip_reason(path, device, op="expert_linear")
     if reason:
         pytest.skip(reason)
-    tokens, dim, _, experts, k = LAYER_SHAPES["medium"]
+    tokens, dim, _, experts, k = LAYER_SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, dim, generator=g).to(device).requires_grad_(mode != "forward")
     routers = [(torch.randn(dim, experts, generator=g) / dim**0.5).to(device).requires_grad_(mode != "forward") for _ in range(3)]
@@ -172,5 +176,5 @@ def test_moe_qkv(benchmark, record, device, mode, path, fused):
 
     benchmark(run)
     forward_flops = 3 * (2 * tokens * dim * experts + tokens * k * 2 * dim * dim)
-    record(f"moe_qkv_{mode}", "medium", f"{path}/{'fused' if fused else 'unfused'}",
+    record(f"moe_qkv_{mode}", shape, f"{path}/{'fused' if fused else 'unfused'}",
            flops=forward_flops * (1 if mode == "forward" else 3), bytes_moved=4 * (tokens * dim * 4 + weights.numel()))

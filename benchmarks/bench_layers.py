@@ -27,8 +27,10 @@ from sm4.modules.encoder import SM4EncoderLayer
 
 from .bench_grouped_gemm import skip_reason
 
-# name: (batch B, tokens L, d, heads, h, E, k)
-SHAPES = {"medium": (32, 24, 64, 8, 128, 32, 2)}
+from .shapes import PAPER
+
+# name: (batch B, tokens L, d, heads, h, E, k): the papers' three settings
+SHAPES = {name: (s["batch"], s["tokens"], s["d"], s["heads"], s["h"], s["E"], s["k"]) for name, s in PAPER.items()}
 PATHS = ["plain_loop", "reference", "cpu", "cuda", "triton"]  # the baseline first: speedups need it
 DROPOUT = 0.1
 

@@ -11,11 +11,10 @@ import torch
 
 from sm4 import backends, ops
 
+from .shapes import routing_shapes
+
 # name: (T, d, E, k)
-SHAPES = {
-    "medium": (32 * 24, 64, 32, 2),
-    "scale_T16384_d1024_E64": (16384, 1024, 64, 2),
-}
+SHAPES = routing_shapes()
 PATHS = ["reference", "cpu", "cuda", "triton"]
 
 

@@ -15,11 +15,10 @@ import torch
 
 from sm4 import backends, ops
 
+from .shapes import routing_shapes
+
 # name: (T, d, E, k, dtype)
-SHAPES = {
-    "medium": (32 * 24, 64, 32, 2, torch.float32),
-    "scale_T16384_d1024_E64": (16384, 1024, 64, 2, torch.float32),
-}
+SHAPES = {name: (*shape, torch.float32) for name, shape in routing_shapes().items()}
 if torch.cuda.is_available():
     SHAPES["gpu_T16384_d4096_E64_bf16"] = (16384, 4096, 64, 2, torch.bfloat16)
 PATHS = ["reference", "cpu", "cuda", "triton", "torch_unfused"]  # reference first: speedups need it

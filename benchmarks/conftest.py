@@ -6,6 +6,7 @@ Run: ``pytest benchmarks`` (``make bench`` also saves JSON under results/). ``ma
 them once with ``--benchmark-disable`` so a benchmark cannot rot unnoticed.
 """
 
+import os
 import platform
 
 import pytest
@@ -82,3 +83,13 @@ def record(benchmark, roofline, device):
                 info[f"speedup_over_{name}"] = measured[key] / seconds
 
     return _record
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sm4-full", action="store_true", help="run every scale-up shape (benchmarks/shapes.py)")
+
+
+def pytest_configure(config):
+    # Read by benchmarks/shapes.py when the benchmark modules are imported (collection comes after).
+    if config.getoption("--sm4-full", default=False):
+        os.environ["SM4_BENCH_FULL"] = "1"
