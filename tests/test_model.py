@@ -53,6 +53,20 @@ def test_grid_positions_and_patches():
     torch.testing.assert_close(patches[0, 0], torch.tensor([0.0, 1.0, 4.0, 5.0]))
     with pytest.raises(ValueError, match="does not split"):
         patchify(torch.zeros(1, 5, 4, 1), 2)
+    video = torch.arange(2 * 4 * 4 * 3.0).view(1, 2, 4, 4, 3)  # (B, T, H, W, F)
+    patches, grid = patchify(video, 2)
+    assert grid == (1, 2, 2) and patches.shape == (1, 4, 2 * 2 * 2 * 3)
+    # the first patch: frames 0-1, rows 0-1, columns 0-1, all features, in that order
+    torch.testing.assert_close(patches[0, 0], video[0, :2, :2, :2].reshape(-1))
+
+
+def test_video_tokens_have_three_position_axes():
+    tokenizer = Tokenizer({"clip": ("video", (2, 4, 4, 3)), "series": ("sequence", (6, 2))}, num_bands=2, max_freq=8.0,
+                          patch_size=2)
+    assert tokenizer.width == 24 + 3 * 5 + 2
+    tokens = tokenizer("clip", torch.rand(2, 2, 4, 4, 3))
+    assert tokens.shape == (2, 4, tokenizer.width)
+    assert (tokenizer("series", torch.randn(2, 6, 2))[..., 2:24] == 0).all()  # feature padding
 
 
 def test_tokens_carry_features_padding_positions_and_the_modality_code():

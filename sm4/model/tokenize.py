@@ -3,7 +3,7 @@
 modality code]``.
 
 Positions lie in [-1, 1] per axis: sequences and tables have one axis (the step or feature
-index), images two (patch row and column), video three. Per axis the encoding is
+index), images two (patch row and column), video three (frame, row, column of the patch). Per axis the encoding is
 ``[sin(pi f_i p) for i < B] + [cos(pi f_i p) for i < B] + [p]`` with frequencies
 ``f = logspace(1, log(max_freq / 2) / log(base), B, base)`` (the papers' code, the default) or
 ``linspace(1, max_freq / 2, B)`` (the newer Perceiver code).
@@ -39,13 +39,22 @@ def grid_positions(sizes: tuple[int, ...]) -> torch.Tensor:
 
 
 def patchify(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Images (B, H, W, F) -> (B, H/p * W/p, p * p * F) patches and the patch grid (H/p, W/p)."""
-    batch, height, width, features = x.shape
-    if height % patch or width % patch:
-        raise ValueError(f"image of {height}x{width} pixels does not split into {patch}x{patch} patches")
-    rows, cols = height // patch, width // patch
-    x = x.reshape(batch, rows, patch, cols, patch, features).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, rows * cols, patch * patch * features), (rows, cols)
+    """Images (B, H, W, F) or videos (B, T, H, W, F) -> (B, patches, p^axes * F) and the patch grid.
+
+    A patch is p pixels along every spatial (and time) axis; its pixels are flattened in order.
+    """
+    batch, *sizes, features = x.shape
+    if any(size % patch for size in sizes):
+        raise ValueError(f"input of {'x'.join(map(str, sizes))} does not split into patches of {patch} per axis")
+    grid = tuple(size // patch for size in sizes)
+    axes = len(sizes)
+    split = [batch]
+    for cells in grid:
+        split += [cells, patch]
+    x = x.reshape(*split, features)
+    # (B, g0, p, g1, p, ..., F) -> (B, g0, g1, ..., p, p, ..., F)
+    order = [0, *range(1, 2 * axes, 2), *range(2, 2 * axes + 1, 2), 2 * axes + 1]
+    return x.permute(order).reshape(batch, -1, patch**axes * features), grid
 
 
 class Tokenizer(torch.nn.Module):
@@ -80,10 +89,8 @@ class Tokenizer(torch.nn.Module):
     def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """x: (B, *shape) of modality ``name`` -> tokens (B, n, width) in x's dtype."""
         kind = self.kinds[name]
-        if kind == "image":
+        if kind in ("image", "video"):  # (B, H, W, F) / (B, T, H, W, F): patches, 2-D / 3-D positions
             tokens, grid = patchify(x, self.patch_size)
-        elif kind == "video":
-            raise NotImplementedError("video tokenisation (3-D patches) is not implemented yet")
         else:
             tokens, grid = x, (x.shape[1],)
         batch, count, features = tokens.shape
