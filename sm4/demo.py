@@ -141,7 +141,8 @@ def run_kernels(args):
             ms = median_ms(lambda: call(backend.name), args.min_time)
             print(f"  {op:<18}{backend.name:<11}{diff:>12.2e}{ms:>10.3f}{reference_ms:>14.3f}")
     unimplemented = [op for op in backends.STEP_OPS if not any(op in b.kernels for b in backends.PREFERENCE if b.name != "reference")]
-    print(f"  reference only so far: {', '.join(unimplemented)}")
+    if unimplemented:
+        print(f"  reference only so far: {', '.join(unimplemented)}")
 
 
 def add_parser(subparsers):
