@@ -15,8 +15,9 @@ TORCH_PIN ?= torch==2.13.0
 # this package is tested with here.
 TRITON_PIN ?= triton==3.9.0
 TOOLS := setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark
-# only to regenerate the bundled benchmark (sm4/data/bundled_benchmark.npz ships with the package)
-DATA_TOOLS := scikit-learn==1.9.1 mnist1d==0.0.2.post1
+# data tools: scikit-learn and mnist1d regenerate the bundled benchmark (its .npz ships with the
+# package); h5py reads MultiBench's PUSH and V&T files
+DATA_TOOLS := scikit-learn==1.9.1 mnist1d==0.0.2.post1 h5py==3.14.0
 PYTEST_FLAGS ?=
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)

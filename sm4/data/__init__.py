@@ -1,6 +1,7 @@
 """Data for sm4's multi-modal multi-task models.
 
-``sm4.data.bundled``: the small bundled benchmark (see its docstring)::
+``sm4.data.bundled``: the small bundled benchmark; ``sm4.data.multibench``: loaders for the seven
+MultiBench tasks of the papers from their published files (see each docstring)::
 
     from sm4.data import load_bundled, task_loader
     data = load_bundled()
@@ -15,7 +16,12 @@ _BUNDLED = (
     "ModalitySpec", "MultiTaskData", "TaskSpec", "collate", "load_bundled", "make_bundled", "task_loader",
 )
 
-__all__ = list(_BUNDLED)
+_MULTIBENCH = (
+    "TASKS", "MultiBenchDataset", "combine", "load_avmnist", "load_enrico", "load_mimic", "load_mosei",
+    "load_multibench", "load_push", "load_urfunny", "load_vt",
+)
+
+__all__ = [*_BUNDLED, *_MULTIBENCH]
 
 
 def __getattr__(name):
@@ -23,8 +29,12 @@ def __getattr__(name):
         from . import bundled
 
         return getattr(bundled, name)
+    if name in _MULTIBENCH:
+        from . import multibench
+
+        return getattr(multibench, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_BUNDLED))
+    return sorted(set(globals()) | set(__all__))

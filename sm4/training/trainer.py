@@ -90,8 +90,14 @@ class Trainer:
     def _loaders(self, split: str, shuffle: bool, tasks=None):
         from ..data import task_loader
 
-        return {task: task_loader(self.data, task, split, self.config.batch_size, shuffle=shuffle,
-                                  generator=self.shuffle if shuffle else None) for task in (tasks or self.tasks)}
+        loaders = {}
+        for task in tasks or self.tasks:
+            # Training drops a last partial batch (a batch of one breaks the heads' BatchNorm),
+            # unless the split is smaller than one batch.
+            drop_last = shuffle and len(self.data.splits[task][split]) >= self.config.batch_size
+            loaders[task] = task_loader(self.data, task, split, self.config.batch_size, shuffle=shuffle,
+                                        generator=self.shuffle if shuffle else None, drop_last=drop_last)
+        return loaders
 
     def _to_device(self, batch):
         inputs, target = batch
