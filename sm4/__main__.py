@@ -1,10 +1,11 @@
 """Command line: ``python -m sm4 info`` (what was built), ``demo`` (the main job), ``train`` and
-``eval`` (SM4 on a multi-task dataset), and ``bench report results.json`` (benchmark tables)."""
+``eval`` (SM4 on a multi-task dataset), ``report flops|run`` (model FLOP tables, run plots) and
+``bench report results.json`` (benchmark tables)."""
 
 import argparse
 import sys
 
-from . import bench_report, build_info, demo, experiment
+from . import bench_report, build_info, demo, experiment, report
 
 
 def info(args):
@@ -27,6 +28,7 @@ def main(argv=None):
     demo.add_parser(subparsers)
     bench_report.add_parser(subparsers)
     experiment.add_parsers(subparsers)
+    report.add_parser(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
 
