@@ -92,6 +92,8 @@ def _setting_from_args(args):
         setting.model.sparse_ffn = False
     if args.backend:
         setting.model.backend = args.backend
+    if args.router_mode:
+        setting.model.router_mode = args.router_mode
     return setting.validate()
 
 
@@ -159,6 +161,8 @@ def add_parsers(subparsers) -> None:
     train_parser.add_argument("--dense", action="store_true", help="the dense model of equal FLOPs")
     train_parser.add_argument("--without-smoa", action="store_true", help="dense attention (ablation)")
     train_parser.add_argument("--without-smoe", action="store_true", help="dense FFN (ablation)")
+    train_parser.add_argument("--router-mode", choices=["shared", "modality", "task"],
+                              help="one router per expert group (SM4), or per modality / per task (ablations)")
     train_parser.add_argument("--backend", help="force an sm4 backend (reference, cpu, cuda, triton)")
     train_parser.add_argument("--device", default="cpu")
     train_parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")

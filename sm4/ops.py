@@ -44,6 +44,7 @@ __all__ = [
     "expert_ffn",
     "moe_linear",
     "moe_qkv",
+    "router_input_for",
     "moe_ffn",
     "moe_attention",
 ]
@@ -51,9 +52,11 @@ __all__ = [
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
-def _check_gating(c: Checker, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise):
-    c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
-    c.tensor("router_weight", router_weight, "(d, E)", FLOAT_DTYPES)
+def _check_gating(c: Checker, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise,
+                  x_name="x"):
+    dim = "d" if x_name == "x" else "d_r"
+    c.tensor(x_name, x, f"(T, {dim})", FLOAT_DTYPES)
+    c.tensor("router_weight", router_weight, f"({dim}, E)", FLOAT_DTYPES)
     num_experts = router_weight.shape[1]
     if num_experts < 1:
         c.fail(ValueError, "router_weight must have at least one expert (E >= 1), got E = 0")
@@ -328,6 +331,27 @@ def expert_ffn(
     return impl(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden)
 
 
+def _check_router_input(c: Checker, x, router_input):
+    if router_input is None:
+        return
+    c.tensor("router_input", router_input, "(T, d_r)", FLOAT_DTYPES)
+    if router_input.shape[0] != x.shape[0]:
+        c.fail(ValueError, f"router_input has {router_input.shape[0]} rows but x has {x.shape[0]} tokens")
+
+
+def router_input_for(x: torch.Tensor, router_index: torch.Tensor, num_routers: int) -> torch.Tensor:
+    """The router input that gives each token its own router among ``num_routers``.
+
+    x: (T, d); router_index: (T,) int in [0, num_routers). Returns (T, num_routers * d) with x[t]
+    in block router_index[t] and zeros elsewhere, so that with router weights stacked as
+    (num_routers * d, E), token t's logits are x[t] @ W[router_index[t]]: per-modality or
+    per-task routers over one shared set of experts, in one gating call. Differentiable in x.
+    """
+    tokens, dim = x.shape
+    index = router_index.reshape(tokens, 1, 1).expand(tokens, 1, dim).long()
+    return x.new_zeros(tokens, num_routers, dim).scatter(1, index, x.unsqueeze(1)).view(tokens, num_routers * dim)
+
+
 def moe_linear(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -341,6 +365,7 @@ def moe_linear(
     renormalize: bool = False,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    router_input: torch.Tensor | None = None,
     fused: bool = True,
     backend: str | None = None,
 ) -> MoEOutput:
@@ -351,13 +376,18 @@ def moe_linear(
     output[t] = sum over t's active experts e of gate * (x[t] @ weight[e] + bias[e]).
     fused: gating -> metadata -> expert_linear (one grouped GEMM reading x through the index);
     False runs the unfused steps permute -> grouped_linear -> unpermute (same result).
+    router_input: optional (T, d_r) input of the router instead of x (router_weight is then
+    (d_r, E)); see ``router_input_for`` for per-modality or per-task routers.
     """
     c = Checker("sm4.ops.moe_linear")
-    _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
+    _check_router_input(c, x, router_input)
+    gating_x = x if router_input is None else router_input
+    _check_gating(c, gating_x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise,
+                  "x" if router_input is None else "router_input")
     c.tensor("weight", weight, "(E, d, out)", FLOAT_DTYPES)
     c.tensor("bias", bias, "(E, out)", FLOAT_DTYPES, optional=True)
     routing = topk_gating(
-        x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
+        gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
     )
     metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
@@ -384,6 +414,7 @@ def moe_ffn(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     recompute_hidden: bool = False,
+    router_input: torch.Tensor | None = None,
     fused: bool = True,
     backend: str | None = None,
 ) -> MoEOutput:
@@ -392,15 +423,19 @@ def moe_ffn(
     x: (T, d). router_weight: (d, E). w1: (E, d, h). b1: (E, h) or None. w2: (E, h, d_out).
     b2: (E, d_out) or None. Returns MoEOutput(output (T, d_out) in x's dtype, routing).
     fused: gating -> metadata -> expert_ffn (gather and combine fused into the GEMMs); False runs
-    permute -> grouped_ffn -> unpermute. recompute_hidden: see grouped_ffn.
+    permute -> grouped_ffn -> unpermute. recompute_hidden: see grouped_ffn. router_input: as in
+    moe_linear.
     """
     c = Checker("sm4.ops.moe_ffn")
-    _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
+    _check_router_input(c, x, router_input)
+    gating_x = x if router_input is None else router_input
+    _check_gating(c, gating_x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise,
+                  "x" if router_input is None else "router_input")
     c.tensor("w1", w1, "(E, d, h)", FLOAT_DTYPES)
     c.tensor("w2", w2, "(E, h, out)", FLOAT_DTYPES)
     c.choice("activation", activation, ACTIVATIONS)
     routing = topk_gating(
-        x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
+        gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
     )
     metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
@@ -426,6 +461,7 @@ def moe_qkv(
     training: bool = False,
     renormalize: bool = False,
     generator: torch.Generator | None = None,
+    router_input: torch.Tensor | None = None,
     fused: bool = True,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, tuple[RoutingResult, RoutingResult, RoutingResult]]:
@@ -436,22 +472,26 @@ def moe_qkv(
     None. token_k: one (T,) per-token k for all three, or None. Returns (qkv (T, 3, C), the three
     RoutingResults). fused: the three routings become one metadata over 3E experts (ids of the k
     group offset by E, of the v group by 2E) and one grouped GEMM computes Q, K and V in a single
-    launch; False runs three moe_linear (same result).
+    launch; False runs three moe_linear (same result). router_input: optional (T, d_r) input of
+    the three routers instead of x (each router then (d_r, E)), as in moe_linear.
     """
     c = Checker("sm4.ops.moe_qkv")
     c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    _check_router_input(c, x, router_input)
     if not isinstance(routers, (tuple, list)) or len(routers) != 3:
         c.fail(TypeError, "routers must be a triple (q, k, v) of (d, E) router weights")
+    router_dim = "d" if router_input is None else "d_r"
     for name, router in zip("qkv", routers):
-        c.tensor(f"routers ({name})", router, "(d, E)", FLOAT_DTYPES)
+        c.tensor(f"routers ({name})", router, f"({router_dim}, E)", FLOAT_DTYPES)
     c.tensor("weights", weights, "(3, E, d, C)", FLOAT_DTYPES)
     c.tensor("biases", biases, "(3, E, C)", FLOAT_DTYPES, optional=True)
     if weights.shape[0] != 3:
         c.fail(ValueError, f"weights must stack the q, k, v experts on dim 0 (3, E, d, C), got {tuple(weights.shape)}")
     num_experts = weights.shape[1]
+    gating_x = x if router_input is None else router_input
     routings = tuple(
-        topk_gating(x, router, k, token_k=token_k, noise_std=noise_std, training=training, renormalize=renormalize,
-                    generator=generator, backend=backend)
+        topk_gating(gating_x, router, k, token_k=token_k, noise_std=noise_std, training=training,
+                    renormalize=renormalize, generator=generator, backend=backend)
         for router in routers
     )
     if not fused:

@@ -27,7 +27,9 @@ class ModelConfig:
     top_k * ffn_hidden: about the same FLOPs per token as the sparse FFN).
     Tokenisation: Fourier position encoding with ``num_freq_bands`` bands up to ``max_freq``;
     ``freq_schedule`` "logspace" (the papers' code) or "linspace" (the newer Perceiver code);
-    ``patch_size`` for images.
+    ``patch_size`` for images. ``router_mode``: "shared" (one router per expert group, the
+    papers' SM4), "modality" or "task" (one router per modality / per task over the same experts:
+    the papers' routing ablations).
     """
 
     latent_tokens: int = 12
@@ -54,9 +56,12 @@ class ModelConfig:
     freq_schedule: str = "logspace"
     patch_size: int = 1
     head_batch_norm: bool = True
+    router_mode: str = "shared"
     backend: str | None = None
 
     def validate(self):
+        if self.router_mode not in ("shared", "modality", "task"):
+            raise ValueError(f"ModelConfig.router_mode must be 'shared', 'modality' or 'task', got {self.router_mode!r}")
         if self.freq_schedule not in ("logspace", "linspace"):
             raise ValueError(f"ModelConfig.freq_schedule must be 'logspace' or 'linspace', got {self.freq_schedule!r}")
         if self.width % self.heads:

@@ -99,11 +99,13 @@ class SM4Model(nn.Module):
         sparse_ffn = config.sparse_ffn and not config.dense
         # A dense FFN of equal FLOPs per token: top_k experts' hidden width in one layer.
         ffn_hidden = config.ffn_hidden if sparse_ffn else config.ffn_hidden * config.top_k
+        num_routers = {"shared": 1, "modality": len(self.modality_names), "task": len(self.tasks)}[config.router_mode]
         self.layers = nn.ModuleList(
             SM4EncoderLayer(config.width, config.heads, dim_feedforward=ffn_hidden, dropout=config.dropout,
                             batch_first=True, norm_first=True, num_experts=config.num_experts, top_k=config.top_k,
                             noise_std=config.noise_std, balance_loss_weight=config.balance_loss_weight,
-                            sparse_attention=sparse_attention, sparse_ffn=sparse_ffn, backend=config.backend)
+                            sparse_attention=sparse_attention, sparse_ffn=sparse_ffn, num_routers=num_routers,
+                            backend=config.backend)
             for _ in range(config.depth)
         )
         self.final_norm = nn.LayerNorm(config.width)
@@ -177,8 +179,13 @@ class SM4Model(nn.Module):
         self.last_token_modality = modality_ids.reshape(-1)
         x = self._scale(x)
         token_k = self.modality_k[modality_ids]
+        routing = {"token_k": token_k}
+        if self.config.router_mode == "modality":
+            routing["router_index"] = modality_ids
+        elif self.config.router_mode == "task":
+            routing["router_index"] = torch.full_like(modality_ids, list(self.tasks).index(task))
         for layer in self.layers:
-            x = layer(x, token_k=token_k)
+            x = layer(x, **routing)
         x = self.final_norm(x)
         self._token_modality = None
         # Head input in the task's modality order, zeros for modalities left out by `keep`.

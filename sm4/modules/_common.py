@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import ops
 from ..types import RoutingResult
 
 
@@ -57,12 +58,31 @@ class SparseMoEModule(nn.Module):
             "importance": (E,)}}, detached.
     """
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, num_routers: int = 1):
         super().__init__()
         config.validate(type(self).__name__)
+        if isinstance(num_routers, bool) or not isinstance(num_routers, int) or num_routers < 1:
+            raise ValueError(f"{type(self).__name__}: num_routers must be a positive int, got {num_routers!r}")
         self.moe = config
+        # num_routers > 1: each router group holds one router per token kind (modality or task)
+        # over the same experts; forward's router_index says which router each token uses.
+        self.num_routers = num_routers
         self.aux_loss: torch.Tensor | None = None
         self.routing_stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _router_input(self, flat: torch.Tensor, router_index: torch.Tensor | None, leading, name="router_index"):
+        """The gating input for per-kind routers (see sm4.ops.router_input_for), None with one router.
+
+        flat: (T, d) tokens; router_index: int tensor of shape ``leading`` (the tokens' shape)."""
+        if self.num_routers == 1:
+            return None
+        if router_index is None:
+            raise ValueError(f"{type(self).__name__} has num_routers={self.num_routers}: pass {name}, "
+                             "each token's router (e.g. its modality or task index)")
+        if tuple(router_index.shape) != tuple(leading) or router_index.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: {name} must be an int tensor of shape {tuple(leading)}, "
+                             f"got {tuple(router_index.shape)} {router_index.dtype}")
+        return ops.router_input_for(flat, router_index.reshape(-1), self.num_routers)
 
     def _record(self, routings: dict[str, RoutingResult]) -> None:
         loss = None
@@ -107,10 +127,12 @@ def init_experts_like_linear(weight: torch.Tensor, bias: torch.Tensor | None, fa
             bias.uniform_(-bound, bound)
 
 
-def init_router(router: torch.Tensor) -> None:
-    """Router weights (d, E): small normal, so initial routing is near uniform but not tied."""
+def init_router(router: torch.Tensor, fan_in: int | None = None) -> None:
+    """Router weights (d, E) (or stacked per-kind routers (R * d, E) with fan_in = d): small
+    normal, so initial routing is near uniform but not tied."""
+    fan_in = router.shape[-2] if fan_in is None else fan_in
     with torch.no_grad():
-        router.normal_(0.0, 1.0 / math.sqrt(router.shape[0]) if router.shape[0] else 1.0)
+        router.normal_(0.0, 1.0 / math.sqrt(fan_in) if fan_in else 1.0)
 
 
 def set_backend(model: nn.Module, backend: str | None) -> nn.Module:

@@ -51,10 +51,11 @@ class SparseMoEAttention(SparseMoEModule):
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, num_experts=16, top_k=2,
-                 noise_std=1.0, renormalize=False, balance_loss_weight=0.05, sparse=PROJECTIONS, backend=None):
+                 noise_std=1.0, renormalize=False, balance_loss_weight=0.05, sparse=PROJECTIONS, num_routers=1,
+                 backend=None):
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and num_heads={num_heads} instead")
-        super().__init__(MoEConfig(num_experts, top_k, noise_std, renormalize, balance_loss_weight, backend))
+        super().__init__(MoEConfig(num_experts, top_k, noise_std, renormalize, balance_loss_weight, backend), num_routers)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -75,13 +76,13 @@ class SparseMoEAttention(SparseMoEModule):
         experts = num_experts
         in_dims = {"q": embed_dim, "k": self.kdim, "v": self.vdim}
         if self.stacked:
-            self.routers = nn.Parameter(torch.empty(3, embed_dim, experts, **factory))
+            self.routers = nn.Parameter(torch.empty(3, num_routers * embed_dim, experts, **factory))
             self.expert_weight = nn.Parameter(torch.empty(3, experts, embed_dim, embed_dim, **factory))
             self.expert_bias = nn.Parameter(torch.empty(3, experts, embed_dim, **factory)) if bias else None
         else:
             for name in PROJECTIONS:
                 if name in self.sparse:
-                    setattr(self, f"{name}_router", nn.Parameter(torch.empty(in_dims[name], experts, **factory)))
+                    setattr(self, f"{name}_router", nn.Parameter(torch.empty(num_routers * in_dims[name], experts, **factory)))
                     setattr(self, f"{name}_expert_weight", nn.Parameter(torch.empty(experts, in_dims[name], embed_dim, **factory)))
                     setattr(self, f"{name}_expert_bias", nn.Parameter(torch.empty(experts, embed_dim, **factory)) if bias else None)
                 else:
@@ -105,7 +106,7 @@ class SparseMoEAttention(SparseMoEModule):
         for g, name in enumerate(PROJECTIONS):
             router, weight, bias = self._projection_params(name)
             if router is not None:
-                init_router(router)
+                init_router(router, fan_in=in_dims[name])
                 init_experts_like_linear(weight, bias, in_dims[name])
             else:
                 nn.init.xavier_uniform_(weight)
@@ -133,7 +134,7 @@ class SparseMoEAttention(SparseMoEModule):
         m = self.moe
         return dict(noise_std=m.noise_std, training=self.training, renormalize=m.renormalize, backend=m.backend)
 
-    def _project(self, name, tokens, token_k, expert_dtype):
+    def _project(self, name, tokens, token_k, expert_dtype, router_index=None):
         """tokens (B, n, d_i) -> ((B, n, C), RoutingResult or None)."""
         router, weight, bias = self._projection_params(name)
         if router is None:  # dense; cast as autocast would (it is off here)
@@ -142,28 +143,35 @@ class SparseMoEAttention(SparseMoEModule):
         batch, length, width = tokens.shape
         flat = tokens.reshape(batch * length, width).to(expert_dtype)
         tk = None if token_k is None else token_k.reshape(-1)
-        out = ops.moe_linear(flat, router, weight, bias, self.moe.top_k, token_k=tk, **self._moe_keywords())
+        router_input = self._router_input(flat, router_index, (batch, length), "router_index / key_router_index")
+        out = ops.moe_linear(flat, router, weight, bias, self.moe.top_k, token_k=tk, router_input=router_input,
+                             **self._moe_keywords())
         return out.output.view(batch, length, -1), out.routing
 
-    def _project_all(self, query, key, value, token_k, key_token_k, self_attention, expert_dtype):
+    def _project_all(self, query, key, value, token_k, key_token_k, self_attention, expert_dtype,
+                     router_index=None, key_router_index=None):
         """(q, k, v) each (N, n, C), and the routings by projection name."""
         batch, tgt_len, _ = query.shape
         if self_attention and self.stacked:
             flat = query.reshape(batch * tgt_len, self.embed_dim).to(expert_dtype)
             tk = None if token_k is None else token_k.reshape(-1)
+            router_input = self._router_input(flat, router_index, (batch, tgt_len))
             qkv, (rq, rk, rv) = ops.moe_qkv(flat, tuple(self.routers.unbind(0)), self.expert_weight, self.expert_bias,
-                                           self.moe.top_k, token_k=tk, **self._moe_keywords())
+                                           self.moe.top_k, token_k=tk, router_input=router_input,
+                                           **self._moe_keywords())
             q, k, v = (qkv[:, g].view(batch, tgt_len, self.embed_dim) for g in range(3))
             return q, k, v, {"q": rq, "k": rk, "v": rv}
         projected, routings = {}, {}
-        for name, tokens, tk in (("q", query, token_k), ("k", key, key_token_k), ("v", value, key_token_k)):
-            projected[name], routing = self._project(name, tokens, tk, expert_dtype)
+        for name, tokens, tk, ri in (("q", query, token_k, router_index), ("k", key, key_token_k, key_router_index),
+                                     ("v", value, key_token_k, key_router_index)):
+            projected[name], routing = self._project(name, tokens, tk, expert_dtype, ri)
             if routing is not None:
                 routings[name] = routing
         return projected["q"], projected["k"], projected["v"], routings
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False, *, token_k=None, key_token_k=None):
+                average_attn_weights=True, is_causal=False, *, token_k=None, key_token_k=None, router_index=None,
+                key_router_index=None):
         """As ``nn.MultiheadAttention.forward``; returns (attn_output, attn_weights or None).
 
         query (L, N, C) / key (S, N, kdim) / value (S, N, vdim), or (N, ·, ·) with batch_first,
@@ -172,7 +180,8 @@ class SparseMoEAttention(SparseMoEModule):
         = not allowed, or float, added. is_causal: a hint that attn_mask is the causal mask.
         token_k: optional per-token k of the query tokens (an int tensor shaped like
         query.shape[:-1], e.g. from modality ids); key_token_k: of the key/value tokens (default:
-        token_k when key is query). attn_output has query's layout and the expert dtype;
+        token_k when key is query). router_index / key_router_index: with num_routers > 1, each
+        query / key token's router, shaped likewise (key_router_index defaults as key_token_k). attn_output has query's layout and the expert dtype;
         attn_weights (N, L, S), or (N, num_heads, L, S) unless average_attn_weights.
         """
         self_attention = query is key and key is value
@@ -183,18 +192,23 @@ class SparseMoEAttention(SparseMoEModule):
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
                                "method `generate_square_subsequent_mask` to create this mask.")
-        if key_token_k is None and key is query:
-            key_token_k = token_k
+        if key is query:
+            key_token_k = token_k if key_token_k is None else key_token_k
+            key_router_index = router_index if key_router_index is None else key_router_index
         # Work batch-first: (N, L, C).
         if not is_batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             token_k = None if token_k is None else token_k.unsqueeze(0)
             key_token_k = None if key_token_k is None else key_token_k.unsqueeze(0)
+            router_index = None if router_index is None else router_index.unsqueeze(0)
+            key_router_index = None if key_router_index is None else key_router_index.unsqueeze(0)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
             token_k = None if token_k is None else token_k.transpose(0, 1)
             key_token_k = None if key_token_k is None else key_token_k.transpose(0, 1)
+            router_index = None if router_index is None else router_index.transpose(0, 1)
+            key_router_index = None if key_router_index is None else key_router_index.transpose(0, 1)
         batch, tgt_len, _ = query.shape
         src_len = key.shape[1]
         if key.shape[:2] != value.shape[:2]:
@@ -207,7 +221,8 @@ class SparseMoEAttention(SparseMoEModule):
         # (to expert_dtype), and the ops run with autocast off, so every backend routes in fp32
         # (the reference backend's plain matmuls would otherwise be autocast too).
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            q, k, v, routings = self._project_all(query, key, value, token_k, key_token_k, self_attention, expert_dtype)
+            q, k, v, routings = self._project_all(query, key, value, token_k, key_token_k, self_attention, expert_dtype,
+                                                  router_index, key_router_index)
 
         # Masks as additive float masks in q's dtype (bool: True = masked out).
         attn_mask = _as_additive(attn_mask, "attn_mask", q.dtype)

@@ -94,12 +94,13 @@ class SM4EncoderLayer(nn.Module):
         balance_loss_weight: float = 0.05,
         sparse_attention: bool = True,
         sparse_ffn: bool = True,
+        num_routers: int = 1,
         backend: str | None = None,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         moe = {"num_experts": num_experts, "top_k": top_k, "noise_std": noise_std, "renormalize": renormalize,
-                   "balance_loss_weight": balance_loss_weight, "backend": backend}
+                   "balance_loss_weight": balance_loss_weight, "backend": backend, "num_routers": num_routers}
         self.sparse_attention = bool(sparse_attention)
         self.sparse_ffn = bool(sparse_ffn)
         if self.sparse_attention:
@@ -133,6 +134,7 @@ class SM4EncoderLayer(nn.Module):
         is_causal: bool = False,
         *,
         token_k: torch.Tensor | None = None,
+        router_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """As ``nn.TransformerEncoderLayer.forward``; returns a tensor shaped like src.
 
@@ -142,7 +144,8 @@ class SM4EncoderLayer(nn.Module):
         src_mask is the causal mask (src_mask must still be given, as for torch's layer).
         token_k: optional per-token k, an int tensor of shape src.shape[:-1] with values in
         [1, top_k] (e.g. looked up from each token's modality), used by every router of the
-        sparse parts (the Q, K, V routers and the FFN's); dense parts ignore it.
+        sparse parts (the Q, K, V routers and the FFN's); dense parts ignore it. router_index:
+        with num_routers > 1, each token's router (modality- or task-specific routers), same shape.
 
         Dtype: the sparse parts run in src's dtype, or in the autocast dtype under autocast.
         """
@@ -155,24 +158,27 @@ class SM4EncoderLayer(nn.Module):
             mask=src_mask, mask_name="src_mask", other_type=None, other_name="", target_type=src.dtype,
             check_other=False,
         )
+        # Per-token routing arguments reach only the sparse parts (torch's layers do not take them).
+        routing = {name: value for name, value in (("token_k", token_k), ("router_index", router_index))
+                   if value is not None}
         x = src
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal, token_k)
-            x = x + self._ff_block(self.norm2(x), token_k)
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal, routing)
+            x = x + self._ff_block(self.norm2(x), routing)
         else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal, token_k))
-            x = self.norm2(x + self._ff_block(x, token_k))
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal, routing))
+            x = self.norm2(x + self._ff_block(x, routing))
         return x
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal, token_k):
-        extra = {"token_k": token_k} if self.sparse_attention and token_k is not None else {}
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal, routing):
+        extra = routing if self.sparse_attention else {}
         x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
                            is_causal=is_causal, **extra)[0]
         return self.dropout1(x)
 
-    def _ff_block(self, x, token_k):
+    def _ff_block(self, x, routing):
         if self.ffn is not None:
-            return self.dropout2(self.ffn(x, token_k=token_k))
+            return self.dropout2(self.ffn(x, **routing))
         x = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.dropout2(x)
 

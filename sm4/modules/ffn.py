@@ -58,6 +58,7 @@ class SparseMoEFFN(SparseMoEModule):
         renormalize: bool = False,
         balance_loss_weight: float = 0.05,
         recompute_hidden: bool = False,
+        num_routers: int = 1,
         backend: str | None = None,
     ):
         name = type(self).__name__
@@ -70,13 +71,13 @@ class SparseMoEFFN(SparseMoEModule):
             from ..dispatch import _check_name
 
             _check_name(backend, f"{name}: backend")
-        super().__init__(MoEConfig(num_experts, top_k, noise_std, renormalize, balance_loss_weight, backend))
+        super().__init__(MoEConfig(num_experts, top_k, noise_std, renormalize, balance_loss_weight, backend), num_routers)
         factory = {"device": device, "dtype": dtype}
         self.d_model = d_model
         self.dim_feedforward = dim_feedforward
         self.activation = activation
         self.recompute_hidden = bool(recompute_hidden)
-        self.router = nn.Parameter(torch.empty(d_model, num_experts, **factory))
+        self.router = nn.Parameter(torch.empty(num_routers * d_model, num_experts, **factory))
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, dim_feedforward, **factory))
         self.b1 = nn.Parameter(torch.empty(num_experts, dim_feedforward, **factory)) if bias else None
         self.w2 = nn.Parameter(torch.empty(num_experts, dim_feedforward, d_model, **factory))
@@ -84,15 +85,18 @@ class SparseMoEFFN(SparseMoEModule):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_router(self.router)
+        init_router(self.router, fan_in=self.d_model)
         init_experts_like_linear(self.w1, self.b1, self.d_model)
         init_experts_like_linear(self.w2, self.b2, self.dim_feedforward)
 
-    def forward(self, x: torch.Tensor, *, token_k: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, token_k: torch.Tensor | None = None,
+                router_index: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., d_model) -> (..., d_model): any leading shape, e.g. (T, C), (B, L, C), (C,).
 
         token_k: optional per-token k, an int32/int64 tensor of shape ``x.shape[:-1]`` with
         values in [1, top_k] (e.g. looked up from each token's modality). None = top_k for all.
+        router_index: with num_routers > 1, each token's router (an int tensor of shape
+        ``x.shape[:-1]``, e.g. its modality or task): the papers' modality-/task-specific routers.
 
         Dtypes: the experts run in x's dtype, or under ``torch.autocast`` in the autocast dtype
         (x and the expert weights are cast to it, as autocast does for ``nn.Linear``; the router
@@ -108,6 +112,7 @@ class SparseMoEFFN(SparseMoEModule):
                                  f"got {tuple(token_k.shape)}")
             token_k = token_k.reshape(-1)
         flat = x.reshape(-1, self.d_model)
+        router_input = self._router_input(flat, router_index, leading)
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -119,22 +124,23 @@ class SparseMoEFFN(SparseMoEModule):
             dtype = torch.get_autocast_dtype(device_type)
             if flat.dtype != torch.float64:
                 flat = flat.to(dtype)
+                router_input = None if router_input is None else router_input.to(dtype)
                 w1, w2 = w1.to(dtype), w2.to(dtype)
                 b1 = None if b1 is None else b1.to(dtype)
                 b2 = None if b2 is None else b2.to(dtype)
             with torch.autocast(device_type, enabled=False):
-                out = self._moe(flat, w1, b1, w2, b2, token_k)
+                out = self._moe(flat, w1, b1, w2, b2, token_k, router_input)
         else:
-            out = self._moe(flat, w1, b1, w2, b2, token_k)
+            out = self._moe(flat, w1, b1, w2, b2, token_k, router_input)
         self._record({"ffn": out.routing})
         return out.output.reshape(*leading, self.d_model)
 
-    def _moe(self, flat, w1, b1, w2, b2, token_k):
+    def _moe(self, flat, w1, b1, w2, b2, token_k, router_input=None):
         m = self.moe
         return ops.moe_ffn(
             flat, self.router, w1, b1, w2, b2, m.top_k, activation=self.activation, token_k=token_k,
             noise_std=m.noise_std, training=self.training, renormalize=m.renormalize,
-            recompute_hidden=self.recompute_hidden, backend=m.backend,
+            recompute_hidden=self.recompute_hidden, router_input=router_input, backend=m.backend,
         )
 
     @classmethod
