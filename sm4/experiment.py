@@ -49,8 +49,11 @@ def train(setting, data, out_dir: str, progress: bool = True, resume: bool = Tru
 
     torch.manual_seed(setting.train.seed)
     model = build_model(setting, data)
+    from .training import distributed
+
     os.makedirs(out_dir, exist_ok=True)
-    setting.save(os.path.join(out_dir, "setting.json"))
+    if distributed.rank() == 0:  # one writer under torchrun
+        setting.save(os.path.join(out_dir, "setting.json"))
     trainer = Trainer(model, data, setting.train, out_dir, progress=progress, device=device)
     trainer.fit(resume=resume)
     best = os.path.join(out_dir, "best.pt")
@@ -113,6 +116,7 @@ def run_train(args) -> int:
                                  device=args.device)
     if distributed.rank() == 0:
         print(format_results(data, {"test": test}, trainer=trainer))
+    distributed.finish()
     return 0
 
 

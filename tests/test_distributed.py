@@ -40,7 +40,7 @@ def _worker(index, world, init_file, out_dir, result_file):
         if index == 0:
             torch.save({"model": trainer.model.state_dict(), "alp": trainer.alp.weights, "k": trainer.aea.k}, result_file)
     finally:
-        dist.destroy_process_group()
+        distributed.finish()  # a barrier, then the teardown
 
 
 def test_share_splits_every_batch_exactly():

@@ -66,3 +66,11 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(tensor)
     return tensor
+
+
+def finish() -> None:
+    """Leave the process group together: a process tearing it down while another still runs a
+    collective aborts (seen with gloo), so all meet at a barrier first."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
