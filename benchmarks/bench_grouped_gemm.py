@@ -7,6 +7,8 @@
 2. ``grouped_gemm``: the first FFN layer (N = T*k rows x d -> h over E experts) beside
    ``dense_mm``, one dense matmul with the same FLOPs. Target: CPU >= 60 % of dense; GPU (bf16)
    >= 75 % of dense cuBLAS, and ``torch._grouped_mm`` beside it where torch has it.
+   ``scattermoe`` (ScatterMoE's MLP, where importable, on CUDA) is the public baseline beside
+   ``moe_ffn``; each absent baseline is skipped with the reason.
 3. ``moe_qkv``: the fused Q/K/V path (one grouped GEMM over 3E experts) against three
    ``moe_linear`` (``unfused``), to measure what the fusion gains.
 
@@ -35,9 +37,24 @@ GEMM_SHAPES = {
 KERNEL_PATHS = ["cpu", "cuda", "triton"]
 
 
+def scattermoe_mlp():
+    """ScatterMoE's public FFN layer class, or the reason it cannot be used here."""
+    try:
+        from scattermoe.mlp import MLP
+    except Exception as error:  # noqa: BLE001 - absent, or present but broken: either way, say why
+        return None, f"ScatterMoE is not importable ({type(error).__name__}: {error})"
+    return MLP, None
+
+
 def skip_reason(path, device, op="expert_ffn"):
     if path in ("plain_loop", "dense_mm", "reference"):
         return None
+    if path == "scattermoe":
+        if op != "expert_ffn":
+            return "ScatterMoE's public layer is the FFN (its MLP); no linear-expert layer to compare"
+        if device.type != "cuda":
+            return "ScatterMoE's kernels are Triton kernels for CUDA devices"
+        return scattermoe_mlp()[1]
     if path == "torch_grouped_mm":
         if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
             return "torch._grouped_mm needs a CUDA device and a torch that has it"
@@ -83,20 +100,26 @@ def plain_loop(x, router, w1, b1, w2, b2, k, ffn=True):
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-@pytest.mark.parametrize("path", ["plain_loop", "reference", *KERNEL_PATHS])
+@pytest.mark.parametrize("path", ["plain_loop", "reference", *KERNEL_PATHS, "scattermoe"])
 @pytest.mark.parametrize("layer", ["moe_ffn", "moe_linear"])
 @pytest.mark.parametrize("shape", list(LAYER_SHAPES))
 def test_moe_layer(benchmark, record, device, shape, layer, path, mode):
-    reason = skip_reason(path, device)
+    reason = skip_reason(path, device, op="expert_ffn" if layer == "moe_ffn" else "expert_linear")
     if reason:
         pytest.skip(reason)
     tokens, dim, hidden, experts, k = LAYER_SHAPES[shape]
     x, router, w1, b1, w2, b2 = layer_params(tokens, dim, hidden, experts, device, requires_grad=mode != "forward")
     ffn = layer == "moe_ffn"
 
+    if path == "scattermoe":  # its MLP (no biases) behind the same softmax top-k router
+        mlp = scattermoe_mlp()[0](dim, hidden, experts, k, activation=torch.nn.GELU()).to(device)
+
     def forward():
         if path == "plain_loop":
             return plain_loop(x, router, w1, b1, w2, b2, k, ffn=ffn)
+        if path == "scattermoe":
+            gates, ids = torch.softmax(x @ router, dim=-1).topk(k, dim=-1)
+            return mlp(x, gates, ids)
         if ffn:
             return ops.moe_ffn(x, router, w1, b1, w2, b2, k, backend=path).output
         return ops.moe_linear(x, router, w1, b1, k, backend=path).output

@@ -16,7 +16,7 @@ import sm4
 
 # Median seconds of the baselines measured earlier in the run, by "op/shape": the reference
 # backend, and the other named baselines (a plain per-expert loop, a dense matmul).
-BASELINES = ("reference", "plain_loop", "dense_mm")
+BASELINES = ("reference", "plain_loop", "dense_mm", "dense_model")
 _baseline_seconds: dict[str, dict[str, float]] = {name: {} for name in BASELINES}
 
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 
 from ._io import write_atomically
 
-BASELINES = ("plain_loop", "reference", "dense_mm")
+BASELINES = ("plain_loop", "reference", "dense_mm", "dense_model")
 
 
 def load(path: str) -> dict:
