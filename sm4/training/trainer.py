@@ -216,8 +216,10 @@ class Trainer:
                 self.best_score, self.best_epoch = score, self.epoch
                 if writer:
                     save_atomically(self.checkpoint(), os.path.join(self.out_dir, "best.pt"))
+            aea_state = {"best_loss": {m: (v if math.isfinite(v) else None) for m, v in self.aea.best.items()},
+                         "active": dict(self.aea.active)}
             entry = EpochLog(self.epoch, train_loss, aux_loss, self._val, score, dict(k), dict(weights), entropy,
-                             self.best_epoch).__dict__
+                             self.best_epoch, {"aea": aea_state}).__dict__
             self.history.append(entry)
             if writer:
                 _append_jsonl(os.path.join(self.out_dir, "log.jsonl"), entry)
