@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sm4 import backends, ops
 
+from .conftest import time_backward
 from .shapes import FULL, PAPER, SCALE, tokens
 
 # (T, d, h, E, k): the papers' three settings (benchmarks/shapes.py)
@@ -99,7 +100,7 @@ def plain_loop(x, router, w1, b1, w2, b2, k, ffn=True):
     return out
 
 
-@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("mode", ["forward", "backward", "forward_backward"])
 @pytest.mark.parametrize("path", ["plain_loop", "reference", *KERNEL_PATHS, "scattermoe"])
 @pytest.mark.parametrize("layer", ["moe_ffn", "moe_linear"])
 @pytest.mark.parametrize("shape", list(LAYER_SHAPES))
@@ -132,11 +133,14 @@ def test_moe_layer(benchmark, record, device, shape, layer, path, mode):
             forward().square().mean().backward()
         sync(device)
 
-    benchmark(run)
+    if mode == "backward":
+        time_backward(benchmark, forward, device)
+    else:
+        benchmark(run)
     gemm_flops = tokens * k * 2 * dim * hidden * (2 if ffn else 1)
     forward_flops = 2 * tokens * dim * experts + gemm_flops
     weight_bytes = 4 * experts * dim * hidden * (2 if ffn else 1)
-    record(f"{layer}_{mode}", shape, path, flops=forward_flops * (1 if mode == "forward" else 3),
+    record(f"{layer}_{mode}", shape, path, flops=forward_flops * {"forward": 1, "backward": 2, "forward_backward": 3}[mode],
            bytes_moved=(4 * tokens * dim * 2 + weight_bytes) * (1 if mode == "forward" else 2))
 
 

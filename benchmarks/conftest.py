@@ -93,3 +93,17 @@ def pytest_configure(config):
     # Read by benchmarks/shapes.py when the benchmark modules are imported (collection comes after).
     if config.getoption("--sm4-full", default=False):
         os.environ["SM4_BENCH_FULL"] = "1"
+
+
+def time_backward(benchmark, forward, device, rounds=20):
+    """Time only the backward: each round builds the graph with ``forward()`` (untimed setup),
+    then the timed call runs ``loss.backward()`` and synchronises the device."""
+
+    def setup():
+        return (forward().square().mean(),), {}
+
+    def backward(loss):
+        loss.backward()
+        _sync(device)
+
+    benchmark.pedantic(backward, setup=setup, rounds=rounds, iterations=1, warmup_rounds=2)
