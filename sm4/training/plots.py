@@ -35,7 +35,8 @@ def plot_runs(histories: dict[str, list[dict]], metrics: dict[str, str], path: s
                           label=f"{label}: {modality}")
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("epoch", fontsize=8)
-        axis.legend(fontsize=6)
+        if axis.lines:
+            axis.legend(fontsize=6)
     for axis in flat[panels:]:
         axis.axis("off")
     figure.tight_layout()
