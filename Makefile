@@ -20,7 +20,7 @@ TOOLS := setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark
 DATA_TOOLS := scikit-learn==1.9.1 mnist1d==0.0.2.post1 h5py==3.14.0
 PYTEST_FLAGS ?=
 
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
 
 .PHONY: demo test bench env clean distclean
 

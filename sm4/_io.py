@@ -26,3 +26,23 @@ def write_text_atomically(path: str, text: str) -> None:
             handle.write(text)
 
     write_atomically(path, write)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a clear exit when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise SystemExit("plots need matplotlib (pip install matplotlib)") from error
+    return plt
+
+
+def save_figure(figure, path: str, dpi: int = 100) -> None:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    try:
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=dpi), suffix=".png")
+    finally:
+        pyplot().close(figure)

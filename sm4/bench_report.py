@@ -14,7 +14,7 @@ import json
 import math
 from collections import defaultdict
 
-from ._io import write_atomically
+from ._io import pyplot, save_figure
 
 BASELINES = ("plain_loop", "reference", "dense_mm", "dense_model")
 
@@ -104,13 +104,7 @@ def render_markdown(data: dict) -> str:
 
 def plot(data: dict, path: str) -> None:
     """A PNG of the medians: one panel per (op, shape), one bar per backend (baselines grey)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from error
+    plt = pyplot()
     groups = rows_by_group(data)
     if not groups:
         raise SystemExit("no sm4 results with timings in this file (was it run with --benchmark-disable?)")
@@ -130,10 +124,7 @@ def plot(data: dict, path: str) -> None:
     for axis in list(axes.flat)[len(groups):]:
         axis.axis("off")
     figure.tight_layout()
-    try:
-        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110), suffix=".png")
-    finally:
-        plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def add_parser(subparsers) -> None:

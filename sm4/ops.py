@@ -339,6 +339,16 @@ def _check_router_input(c: Checker, x, router_input):
         c.fail(ValueError, f"router_input has {router_input.shape[0]} rows but x has {x.shape[0]} tokens")
 
 
+def _checked_gating_input(c: Checker, x, router_input, router_weight, *gating_args):
+    """Check the routing arguments of a composite; returns what its router reads (x or router_input)."""
+    _check_router_input(c, x, router_input)
+    if router_input is None:
+        _check_gating(c, x, router_weight, *gating_args)
+        return x
+    _check_gating(c, router_input, router_weight, *gating_args, x_name="router_input")
+    return router_input
+
+
 def router_input_for(x: torch.Tensor, router_index: torch.Tensor, num_routers: int) -> torch.Tensor:
     """The router input that gives each token its own router among ``num_routers``.
 
@@ -380,10 +390,8 @@ def moe_linear(
     (d_r, E)); see ``router_input_for`` for per-modality or per-task routers.
     """
     c = Checker("sm4.ops.moe_linear")
-    _check_router_input(c, x, router_input)
-    gating_x = x if router_input is None else router_input
-    _check_gating(c, gating_x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise,
-                  "x" if router_input is None else "router_input")
+    gating_x = _checked_gating_input(c, x, router_input, router_weight, k, token_k, noise_std, training, renormalize,
+                                     generator, noise)
     c.tensor("weight", weight, "(E, d, out)", FLOAT_DTYPES)
     c.tensor("bias", bias, "(E, out)", FLOAT_DTYPES, optional=True)
     routing = topk_gating(
@@ -427,10 +435,8 @@ def moe_ffn(
     moe_linear.
     """
     c = Checker("sm4.ops.moe_ffn")
-    _check_router_input(c, x, router_input)
-    gating_x = x if router_input is None else router_input
-    _check_gating(c, gating_x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise,
-                  "x" if router_input is None else "router_input")
+    gating_x = _checked_gating_input(c, x, router_input, router_weight, k, token_k, noise_std, training, renormalize,
+                                     generator, noise)
     c.tensor("w1", w1, "(E, d, h)", FLOAT_DTYPES)
     c.tensor("w2", w2, "(E, h, out)", FLOAT_DTYPES)
     c.choice("activation", activation, ACTIVATIONS)

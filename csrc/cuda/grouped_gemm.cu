@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "float_convert.cuh"
 #include "launchers.h"
 
 namespace sm4::cuda {
@@ -68,13 +69,6 @@ constexpr int kSimtTile = 64;
 constexpr int kSimtStep = 16;
 constexpr int kSimtLd = kSimtTile + 4;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 __device__ __forceinline__ unsigned int bits16(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ unsigned int bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 
@@ -462,6 +456,25 @@ struct GradParams {
   bool a_vec, g_vec;
 };
 
+// One weight-gradient work item: expert e's (K tile, N tile) output at (k0, n0), the expert's
+// sorted rows [begin, end), and whether this item also sums the bias (the K-tile-0 items do).
+struct GradItem {
+  int64_t e, k0, n0, begin, end;
+  bool with_bias;
+};
+
+template <int TK, int TN>
+__device__ __forceinline__ GradItem grad_item(const GradParams& p, int64_t item) {
+  const int64_t per_expert = p.k_tiles * p.n_tiles, rem = item % per_expert;
+  GradItem work;
+  work.e = item / per_expert;
+  work.k0 = (rem / p.n_tiles) * TK;
+  work.n0 = (rem % p.n_tiles) * TN;
+  work.with_bias = p.grad_bias != nullptr && work.k0 == 0;
+  expert_rows(p.offsets, work.e, p.M, work.begin, work.end);
+  return work;
+}
+
 // 16-bit weight grad on tensor cores: work item (e, K tile, N tile), 128 x 128 output. Shared:
 // As[row][k] and Bs[row][n] (32 rows each); a_rows^T is As read as a WMMA col_major matrix_a.
 // 8 warps as 4 (K) x 2 (N), 32 x 64 each; the epilogue stages 16 x 64 fp32 strips in the same bytes.
@@ -483,14 +496,12 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_tc_kernel(const GradP
   float* const stage = reinterpret_cast<float*>(smem) + warp * 16 * kLdS;
   const T* const a = static_cast<const T*>(p.a);
   const T* const g = static_cast<const T*>(p.grad);
-  const int64_t per_expert = p.k_tiles * p.n_tiles, items = p.E * per_expert;
+  const int64_t items = p.E * p.k_tiles * p.n_tiles;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t e = item / per_expert, rem = item % per_expert;
-    const int64_t k0 = (rem / p.n_tiles) * TK, n0 = (rem % p.n_tiles) * TN;
-    const bool with_bias = p.grad_bias != nullptr && k0 == 0;
-    int64_t begin, end;
-    expert_rows(p.offsets, e, p.M, begin, end);
+    const GradItem work = grad_item<TK, TN>(p, item);
+    const int64_t e = work.e, k0 = work.k0, n0 = work.n0, begin = work.begin, end = work.end;
+    const bool with_bias = work.with_bias;
     __syncthreads();  // the previous item is done with shared memory
 
     uint4 ra[kChunks], rg[kChunks];
@@ -580,14 +591,12 @@ __global__ void __launch_bounds__(kThreads) weight_grad_simt_kernel(const GradPa
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const float* const a = static_cast<const float*>(p.a);
   const float* const g = static_cast<const float*>(p.grad);
-  const int64_t per_expert = p.k_tiles * p.n_tiles, items = p.E * per_expert;
+  const int64_t items = p.E * p.k_tiles * p.n_tiles;
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t e = item / per_expert, rem = item % per_expert;
-    const int64_t k0 = (rem / p.n_tiles) * TK, n0 = (rem % p.n_tiles) * TN;
-    const bool with_bias = p.grad_bias != nullptr && k0 == 0;
-    int64_t begin, end;
-    expert_rows(p.offsets, e, p.M, begin, end);
+    const GradItem work = grad_item<TK, TN>(p, item);
+    const int64_t e = work.e, k0 = work.k0, n0 = work.n0, begin = work.begin, end = work.end;
+    const bool with_bias = work.with_bias;
     __syncthreads();  // the previous item is done with shared memory
 
     float ra[kLoads], rg[kLoads];

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "float_convert.cuh"
 #include "launchers.h"
 
 namespace sm4::cuda {
@@ -18,13 +19,6 @@ namespace {
 
 constexpr int kRowThreads = 256;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 __device__ __forceinline__ int64_t bin_of(int64_t expert, int64_t num_experts) {
   return expert < 0 || expert >= num_experts ? num_experts : expert;

@@ -1,18 +1,12 @@
 """PNG plots of training runs (matplotlib): per-task validation curves of one or more runs, the
 per-modality k that AEA chose, and ALP's per-modality weights, epoch by epoch."""
 
-from .._io import write_atomically
+from .._io import pyplot, save_figure
 
 
 def plot_runs(histories: dict[str, list[dict]], metrics: dict[str, str], path: str) -> None:
     """histories: {run label: Trainer.history}; metrics: {task: metric name}. Writes ``path`` atomically."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise SystemExit("plots need matplotlib (pip install matplotlib)") from error
+    plt = pyplot()
     tasks = list(metrics)
     panels = len(tasks) + 2
     columns = min(panels, 3)
@@ -40,19 +34,13 @@ def plot_runs(histories: dict[str, list[dict]], metrics: dict[str, str], path: s
     for axis in flat[panels:]:
         axis.axis("off")
     figure.tight_layout()
-    try:
-        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100), suffix=".png")
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_expert_usage(usage: dict, modality_names: list[str], task_names: list[str], path: str) -> None:
     """Heat maps of sm4.experiment.expert_usage: per router, the share of each modality's (top row)
     and each task's (bottom row) assignments that go to each expert. Writes ``path`` atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     routers = list(usage)
     figure, axes = plt.subplots(2, len(routers), figsize=(3.2 * len(routers), 5.0), squeeze=False)
@@ -67,7 +55,4 @@ def plot_expert_usage(usage: dict, modality_names: list[str], task_names: list[s
             axis.set_xlabel("expert", fontsize=7)
             axis.tick_params(axis="x", labelsize=6)
     figure.tight_layout()
-    try:
-        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100), suffix=".png")
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
