@@ -66,7 +66,10 @@ def extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     openmp = ["-fopenmp"]
     # No -std flag: torch's build adds the standard its headers need (C++17 up to 2.12, C++20 after).
-    cxx_flags = ["-O3", *openmp]
+    # -fno-trapping-math: floating-point compares may be turned into selects, so the CPU kernels'
+    # branch-free loops (clamps, maxima, masks) vectorise. Results are unchanged: it neither
+    # reassociates nor assumes finite values; it only stops treating FP exception flags as effects.
+    cxx_flags = ["-O3", "-fno-trapping-math", *openmp]
     if not build_cuda:
         print(f"sm4: building backends: cpu (CUDA skipped: {why})")
         return [

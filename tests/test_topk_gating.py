@@ -68,6 +68,7 @@ CONFIGS = [
     ("E = 1", (17, 8, 1, 1, False, True, False)),
     ("T = 1, d odd", (1, 7, 5, 2, False, True, True)),
     ("E = 67 > one 64-lane tile", (23, 16, 67, 4, True, True, False)),
+    ("several CPU token blocks", (300, 64, 32, 2, True, True, False)),
 ]
 
 
@@ -165,6 +166,28 @@ def test_non_finite_token_among_good_ones(backend, bad):
     assert torch.isnan(out.gates[5]).all() and torch.isnan(out.entropy[5])
     (out.importance_loss + out.load_loss + out.gates[torch.arange(24) != 5].sum()).backward()
     assert torch.isfinite(wk.grad).all(), "the router gradient must stay finite"
+
+
+@pytest.mark.parametrize("noise_std", [0.5, 8.0, 64.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smooth_load_across_the_normal_cdf(backend, noise_std):
+    """sigma = noise_std / E from 1/32 to 4: the smooth load's Phi((l - threshold) / sigma) is taken
+    deep in both tails, near 1/2 and in between (the CPU kernel's fp32 Phi is an erfc fit, not libm),
+    and its density drives the load gradient."""
+    skip_unless_runs(backend)
+    x, w = make_inputs(64, 24, 16, torch.float32)
+    noise = torch.randn(64, 16, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(training=True, noise=noise, noise_std=noise_std)
+    ref_x, ref_w = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = reference(ref_x, ref_w, 3, **kwargs)
+    xk = x.to(kernel_device(backend)).requires_grad_(True)
+    wk = w.to(kernel_device(backend)).requires_grad_(True)
+    out = ops.topk_gating(xk, wk, 3, backend=backend, **{key: (v.to(xk.device) if isinstance(v, torch.Tensor) else v) for key, v in kwargs.items()})
+    assert_routing_equal(out, ref, f"{backend} noise_std={noise_std}")
+    for routing in (ref, out):
+        (routing.load * torch.linspace(-1, 1, 16, dtype=routing.load.dtype, device=routing.load.device)).sum().backward()
+    torch.testing.assert_close(xk.grad.cpu().double(), ref_x.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(wk.grad.cpu().double(), ref_w.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_cpu_kernel_gradcheck_float64():
