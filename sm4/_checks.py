@@ -25,6 +25,33 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+_PARSED_SHAPES: dict[str, tuple[tuple[int | None, str, int], ...]] = {}
+
+
+def _parse_shape(shape: str) -> tuple[tuple[int | None, str, int], ...]:
+    """A shape spec such as ``"(E + 1, d)"`` as (literal size or None, size name, offset) per dim.
+
+    Cached in eager mode: the specs are a few string constants, and every op call checks several
+    tensors (on a CPU the parsing cost as much as a small kernel). Not while torch.compile traces,
+    where the checks run once per compilation and a global cache would only add guards.
+    """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and shape in _PARSED_SHAPES:
+        return _PARSED_SHAPES[shape]
+    dims = []
+    for dim in (d.strip() for d in shape.strip("()").split(",")):
+        if not dim:
+            continue
+        if re.fullmatch(r"\d+", dim):
+            dims.append((int(dim), dim, 0))
+            continue
+        match = re.fullmatch(r"(\w+)\s*\+\s*(\d+)", dim)
+        dims.append((None, match.group(1), int(match.group(2))) if match else (None, dim, 0))
+    if not compiling:
+        _PARSED_SHAPES[shape] = tuple(dims)
+    return tuple(dims)
+
+
 class Checker:
     """Collects the sizes bound by one call's arguments and raises on the first bad one."""
 
@@ -53,7 +80,7 @@ class Checker:
             return
         if not isinstance(value, torch.Tensor):
             self.fail(TypeError, f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}")
-        dims = [d.strip() for d in shape.strip("()").split(",") if d.strip()]
+        dims = _parse_shape(shape)
         if value.dim() != len(dims):
             self.fail(
                 ValueError,
@@ -61,13 +88,11 @@ class Checker:
             )
         if value.dtype not in dtypes:
             self.fail(TypeError, f"{name} must have dtype in ({_dtype_names(dtypes)}), got {value.dtype}")
-        for dim, size in zip(dims, value.shape):
-            if re.fullmatch(r"\d+", dim):
-                if size != int(dim):
+        for (literal, base, extra), size in zip(dims, value.shape):
+            if literal is not None:
+                if size != literal:
                     self.fail(ValueError, f"{name} must have shape {shape}, got {tuple(value.shape)}")
                 continue
-            match = re.fullmatch(r"(\w+)\s*\+\s*(\d+)", dim)
-            base, extra = (match.group(1), int(match.group(2))) if match else (dim, 0)
             self.bind(base, size - extra, f"{name} (shape {tuple(value.shape)}, expected {shape})")
         self.same_device(name, value)
 

@@ -253,3 +253,24 @@ def test_auto_dispatch_uses_the_cpu_kernel():
     from sm4 import dispatch
 
     assert dispatch.select("topk_gating", [torch.zeros(2, 2)])[0] == "cpu"
+
+
+@pytest.mark.parametrize("experts", [1, 2, 13])
+def test_balance_terms_match_cv_squared(experts):
+    """The kernels' finishing step (one autograd node for both CV^2 terms, closed-form backward)
+    against the reference's cv_squared, values and gradients, including all-equal and all-zero."""
+    from sm4 import reference, routing
+
+    g = torch.Generator().manual_seed(7)
+    cases = [torch.rand(experts, generator=g, dtype=torch.float64) * 5, torch.full((experts,), 2.0, dtype=torch.float64),
+             torch.zeros(experts, dtype=torch.float64)]
+    for importance in cases:
+        load = torch.rand(experts, generator=g, dtype=torch.float64)
+        got = routing.balance_terms(importance, load)
+        want = (reference.cv_squared(importance), reference.cv_squared(load))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        if experts > 1:
+            inputs = (importance.clone().requires_grad_(True), load.clone().requires_grad_(True))
+            assert torch.autograd.gradcheck(lambda i, l: routing.balance_terms(i, l), inputs)
+            reference_grads = torch.autograd.grad(sum(reference.cv_squared(v) for v in inputs), inputs)
+            torch.testing.assert_close(torch.autograd.grad(sum(routing.balance_terms(*inputs)), inputs), reference_grads)
