@@ -107,6 +107,7 @@ class BalanceTerms(torch.autograd.Function):
         return cv[0], cv[1]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # like the gating op itself: no double backward
     def backward(ctx, d_importance_cv, d_load_cv):
         values, mean, denominator, cv = ctx.saved_tensors
         experts = values.shape[1]
