@@ -433,9 +433,10 @@ def test_cpu_kernel_rejects_bad_offsets():
         torch.ops.sm4.grouped_mm(a, weight, None, torch.tensor([0, 5, 9]), None, None, None, 6, False, 0, False)
     with pytest.raises(RuntimeError, match="non-decreasing"):
         torch.ops.sm4.grouped_mm(a, weight, None, torch.tensor([0, 5, 3]), None, None, None, 6, False, 0, False)
-    with pytest.raises(RuntimeError, match="gather_index"):
-        torch.ops.sm4.grouped_mm(a, weight, None, torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 9]), None, None, 4,
-                                 False, 0, False)
+    for bad_index, seen in (([0, 1, 2, 9], r"\[0, 9\]"), ([0, -1, 2, 3], r"\[-1, 3\]")):
+        with pytest.raises(RuntimeError, match=rf"gather_index values must lie in \[0, 6\), got {seen}"):
+            torch.ops.sm4.grouped_mm(a, weight, None, torch.tensor([0, 2, 4]), torch.tensor(bad_index), None, None, 4,
+                                     False, 0, False)
 
 
 def test_cpu_kernels_are_not_recast_by_autocast():
