@@ -233,6 +233,7 @@ MOE_CASES = {
     "random, k = 2": dict(),
     "per-token k (inactive ranks)": dict(k=3, token_k=torch.randint(1, 4, (29,), generator=torch.Generator().manual_seed(9))),
     "k = E": dict(k=5),
+    "k = E = 11 (the combine's large-k form)": dict(experts=11, k=11),
     "everything to one expert": dict(k=1, ids=torch.full((29, 1), 3)),
     "T = 1": dict(tokens=1),
     "T = 0": dict(tokens=0),
