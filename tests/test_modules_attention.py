@@ -218,3 +218,27 @@ def test_autocast_routes_in_fp32_on_every_backend():
         assert outputs[backend].dtype == torch.bfloat16
         assert layer.routing_stats["q"]["importance"].dtype == torch.float32
     torch.testing.assert_close(outputs["cpu"], outputs["reference"], atol=1e-2, rtol=1e-2)
+
+
+def test_short_cpu_inference_uses_the_math_attention_kernel(monkeypatch):
+    """ops.scaled_dot_product_attention: SDPA's math kernel for short sequences on a CPU without
+    autograd (faster there), torch's own choice otherwise; the same values either way."""
+    import torch.nn.functional as F
+
+    from sm4 import ops
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.flash_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    for length, grad in ((24, False), (24, True), (ops.SHORT_SEQUENCE + 1, False)):
+        q, k, v = (torch.randn(2, 3, length, 8, generator=g).requires_grad_(grad) for _ in range(3))
+        mask = torch.randn(length, length, generator=g)
+        torch.testing.assert_close(ops.scaled_dot_product_attention(q, k, v, attn_mask=mask), real(q, k, v, attn_mask=mask))
+    assert seen == [False, True, True], "flash off (math kernel) only for the short no-grad call"
+    assert torch.backends.cuda.flash_sdp_enabled(), "the kernel choice must not leak out of the call"

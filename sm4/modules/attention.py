@@ -1,8 +1,9 @@
 """``SparseMoEAttention``: sparse mixture of attention (SMoA), a drop-in for ``nn.MultiheadAttention``.
 
 Q, K and V each come from a group of single-linear experts with its own router (SM4_SPEC §1.4);
-attention is torch's ``scaled_dot_product_attention`` (an explicit softmax path when the weights
-are asked for); the output projection is dense. When query, key and value are one tensor, the
+attention is torch's ``scaled_dot_product_attention`` (its math kernel for short sequences in CPU
+inference, where torch's flash kernel is slower: ``sm4.ops.scaled_dot_product_attention``; an
+explicit softmax path when the weights are asked for); the output projection is dense. When query, key and value are one tensor, the
 three routings feed one fused grouped GEMM over the 3E Q/K/V experts (``sm4.ops.moe_qkv``).
 
 Constructor arguments, defaults, forward signature, return values, mask conventions and
@@ -256,8 +257,8 @@ class SparseMoEAttention(SparseMoEModule):
                 weights = F.dropout(weights, p=dropout_p)
             attended = weights @ v
         else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                      is_causal=use_causal_hint)
+            attended = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                        is_causal=use_causal_hint)
         attended = attended.transpose(1, 2).reshape(batch, tgt_len, self.embed_dim)
         output = self.out_proj(attended)
         self._record(routings)
