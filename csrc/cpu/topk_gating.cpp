@@ -245,7 +245,7 @@ struct ForwardBlock {
   int64_t tokens, num_experts, k;
   acc_t sigma;
   bool renormalize;
-  const acc_t* logits;     // (tokens, E), also the saved-logits output (rows of bad tokens get NaN)
+  acc_t* logits;           // (tokens, E): the saved-logits output (rows of bad tokens become NaN)
   const acc_t* noise;      // (tokens, E) or null (no noise)
   const int64_t* token_k;  // (tokens,) or null (every token k)
   int64_t* expert_ids;     // (tokens, k)
@@ -270,7 +270,7 @@ SM4_INLINE void route_block(const ForwardBlock<acc_t>& b, TokenScratch<acc_t>& s
   const int64_t ranked = std::min(k + 1, E);
   constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t i = 0; i < b.tokens; ++i) {
-    acc_t* clean = const_cast<acc_t*>(b.logits + i * E);
+    acc_t* clean = b.logits + i * E;
     const int64_t kt = b.token_k ? b.token_k[i] : k;
     int64_t* ids = b.expert_ids + i * k;
     acc_t* gates = b.gates + i * k;
