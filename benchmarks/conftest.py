@@ -18,6 +18,8 @@ import sm4
 # backend, and the other named baselines (a plain per-expert loop, a dense matmul).
 BASELINES = ("reference", "plain_loop", "dense_mm", "dense_model")
 _baseline_seconds: dict[str, dict[str, float]] = {name: {} for name in BASELINES}
+# bench_peer.py's rows (sm4 beside the best torch-native peer), printed at the end of the run.
+PEER_ROWS: list[dict] = []
 
 
 def _sync(device):
@@ -87,12 +89,24 @@ def record(benchmark, roofline, device):
 
 def pytest_addoption(parser):
     parser.addoption("--sm4-full", action="store_true", help="run every scale-up shape (benchmarks/shapes.py)")
+    parser.addoption("--sm4-compile", action="store_true",
+                     help="bench_peer.py: also time the torch.compile'd peer (~30 s of compiling per case)")
 
 
 def pytest_configure(config):
     # Read by benchmarks/shapes.py when the benchmark modules are imported (collection comes after).
     if config.getoption("--sm4-full", default=False):
         os.environ["SM4_BENCH_FULL"] = "1"
+    if config.getoption("--sm4-compile", default=False):
+        os.environ["SM4_BENCH_COMPILE"] = "1"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PEER_ROWS:
+        from sm4.bench_report import render_peer_table
+
+        terminalreporter.write_sep("-", "sm4 beside the best torch-native peer (bench_peer.py)")
+        terminalreporter.write_line(render_peer_table(PEER_ROWS))
 
 
 def time_backward(benchmark, forward, device, rounds=20):

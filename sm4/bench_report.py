@@ -6,7 +6,9 @@ FLOPs, bytes, TFLOP/s, GB/s, the fractions of the machine's measured roofline, a
 the baselines measured in the same run (``speedup_over_reference``, ``..._plain_loop``,
 ``..._dense_mm``). The report groups the results by (op, shape), one row per backend, so the
 kernels read beside their baselines; ``--markdown`` prints the same tables for BENCHMARKS.md and
-``--plot`` writes a PNG (matplotlib) of the medians.
+``--plot`` writes a PNG (matplotlib) of the medians; ``--peers`` prints only the table of sm4
+beside the best torch-native peer (benchmarks/bench_peer.py): sm4 / best peer, sm4 / dense floor,
+and which rows sm4 does not win.
 """
 
 import argparse
@@ -102,6 +104,42 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+PEER_COLUMNS = ("layer", "mode", "shape", "dtype", "threads", "sm4", "best peer", "sm4 / best peer", "dense floor",
+                "sm4 / floor", "verdict")
+
+
+def peer_rows(data: dict) -> list[dict]:
+    """The bench_peer.py rows of a run (each sm4 result's ``extra_info["peer_comparison"]``)."""
+    return [b["extra_info"]["peer_comparison"] for b in data["benchmarks"]
+            if b.get("stats") and "peer_comparison" in b.get("extra_info", {})]
+
+
+def _peer_cells(row: dict) -> list[str]:
+    if row["sm4_fastest"]:
+        verdict = "sm4 fastest"
+    else:
+        verdict = f"**sm4 NOT fastest** ({row['best_peer']} wins)"
+    note = f"; {row['compile_note']}" if row.get("compile_note") else ""
+    return [row["layer"], row["mode"], row["shape"], row["dtype"], str(row["threads"]), _time(row["sm4_s"]),
+            f"{row['best_peer']} {_time(row['peer_s'][row['best_peer']])}", f"{row['sm4_over_best_peer']:.2f}",
+            _time(row["floor_s"]), f"{row['sm4_over_floor']:.2f}", verdict + note]
+
+
+def render_peer_table(rows: list[dict], markdown: bool = False) -> str:
+    """sm4 beside the best peer: one line per (layer, mode, shape, dtype, threads); a row where
+    sm4 is not the fastest says so. Ratios are times (below 1: sm4 is faster)."""
+    body = [_peer_cells(r) for r in sorted(rows, key=lambda r: (r["layer"], r["mode"], r["shape"], r["dtype"],
+                                                                  r["threads"]))]
+    losses = sum(not r["sm4_fastest"] for r in rows)
+    summary = f"sm4 is not the fastest in {losses} of {len(rows)} rows"
+    if markdown:
+        lines = ["| " + " | ".join(PEER_COLUMNS) + " |", "|" + "---|" * len(PEER_COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body] + ["", summary])
+    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(PEER_COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(PEER_COLUMNS, widths))]
+    return "\n".join(lines + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body] + [summary])
+
+
 def plot(data: dict, path: str) -> None:
     """A PNG of the medians: one panel per (op, shape), one bar per backend (baselines grey)."""
     plt = pyplot()
@@ -133,11 +171,19 @@ def add_parser(subparsers) -> None:
     report.add_argument("results", help="pytest-benchmark JSON (make bench writes them under results/)")
     report.add_argument("--markdown", action="store_true", help="print Markdown tables (for BENCHMARKS.md)")
     report.add_argument("--plot", metavar="PNG", help="also write a plot of the medians to this PNG file")
+    report.add_argument("--peers", action="store_true",
+                        help="print only the table of sm4 beside the best torch-native peer (bench_peer.py)")
     report.set_defaults(func=run_report)
 
 
 def run_report(args) -> int:
     data = load(args.results)
+    if args.peers:
+        rows = peer_rows(data)
+        if not rows:
+            raise SystemExit(f"{args.results} has no timed bench_peer.py rows")
+        print(f"{machine_line(data)}\n\n{render_peer_table(rows, markdown=args.markdown)}")
+        return 0
     print(render_markdown(data) if args.markdown else render_text(data))
     if args.plot:
         plot(data, args.plot)

@@ -60,3 +60,33 @@ def test_a_file_that_is_not_a_benchmark_run_is_refused(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
         bench_report.load(str(path))
+
+
+def peer_row(fastest, **extra):
+    row = dict(layer="moe_ffn", mode="forward", shape="medium", dtype="fp32", threads=2, sm4_s=1e-3,
+               peer_s={"torch_grouped_mm": 1.25e-3}, best_peer="torch_grouped_mm", sm4_over_best_peer=0.8,
+               floor_s=0.25e-3, sm4_over_floor=4.0, sm4_fastest=fastest, compile_note="")
+    row.update(extra)
+    return row
+
+
+def test_peer_table_flags_the_rows_sm4_loses(tmp_path, capsys):
+    losing = peer_row(False, dtype="bf16", sm4_s=2e-3, sm4_over_best_peer=1.6, sm4_over_floor=8.0,
+                      compile_note="torch.compile fails: Expected inputs of BF16 type")
+    data = {"datetime": "2026-12-02T06:00:00", "machine_info": {}, "benchmarks": [
+        result("cpu", 1e-3, peer_comparison=peer_row(True)), result("cpu", 2e-3, peer_comparison=losing),
+        result("plain_loop", 2e-3)]}
+    path = tmp_path / "peer.json"
+    path.write_text(json.dumps(data))
+    assert main(["bench", "report", "--peers", "--markdown", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| moe_ffn")]
+    assert len(lines) == 2
+    assert "| 0.80 |" in lines[1] and "| 4.00 |" in lines[1] and "sm4 fastest" in lines[1]  # fp32 sorts after bf16
+    assert "**sm4 NOT fastest** (torch_grouped_mm wins); torch.compile fails" in lines[0] and "| 1.60 |" in lines[0]
+    assert "sm4 is not the fastest in 1 of 2 rows" in out
+
+
+def test_peer_table_of_a_run_without_peer_rows_is_refused(results_file):
+    with pytest.raises(SystemExit, match="no timed bench_peer.py rows"):
+        main(["bench", "report", "--peers", str(results_file)])
