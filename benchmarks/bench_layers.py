@@ -10,7 +10,10 @@ four expert groups (Q, K, V single-linear experts, each with its own router, and
 softmax top-k router, then for each expert ``nonzero`` -> gather -> F.linear (-> GELU ->
 F.linear) -> ``index_add`` (as in ``bench_grouped_gemm.plain_loop``), and a simple balancing
 loss (CV^2 of importance and of the hard load, which is cheaper than sm4's smooth load);
-``reference``, ``cpu``, ``cuda``, ``triton`` are ``SM4EncoderLayer(backend=...)``.
+``torch_grouped_mm`` is SM4EncoderLayer(backend="cpu") with its experts and gating swapped onto
+the transformers-style peer (benchmarks/peers/swap.py: the same layer, only the experts differ);
+``reference``, ``cpu``, ``cuda``, ``triton`` are ``SM4EncoderLayer(backend=...)``. Targets (issue
+#13): cpu at least 5x plain_loop and 1.5x torch_grouped_mm, forward+backward at medium.
 
 FLOPs (useful, forward; forward+backward counts 3x): gating 2*T*d*E per router (4 routers),
 Q/K/V experts 2*T*k*d*d each, FFN experts 2*T*k*2*d*h, attention 4*B*L*L*d, output projection
@@ -26,12 +29,13 @@ from sm4.modules import collect_aux_loss
 from sm4.modules.encoder import SM4EncoderLayer
 
 from .bench_grouped_gemm import skip_reason
+from .peers.swap import use_torch_grouped_mm_experts
 
 from .shapes import PAPER
 
 # name: (batch B, tokens L, d, heads, h, E, k): the papers' three settings
 SHAPES = {name: (s["batch"], s["tokens"], s["d"], s["heads"], s["h"], s["E"], s["k"]) for name, s in PAPER.items()}
-PATHS = ["plain_loop", "reference", "cpu", "cuda", "triton"]  # the baseline first: speedups need it
+PATHS = ["plain_loop", "torch_grouped_mm", "reference", "cpu", "cuda", "triton"]  # baselines first: speedups need them
 DROPOUT = 0.1
 
 
@@ -116,13 +120,19 @@ def layer_flops(batch, length, dim, hidden, experts, k):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_sm4_encoder_layer(benchmark, record, device, shape, path, mode):
-    reason = skip_reason(path, device) or skip_reason(path, device, op="expert_linear")
+    peer = path == "torch_grouped_mm"
+    reason = None if peer else skip_reason(path, device) or skip_reason(path, device, op="expert_linear")
+    if peer and device.type != "cpu":
+        reason = "the torch_grouped_mm layer is the CPU peer here (its sm4 parts run on the cpu backend)"
     if reason:
         pytest.skip(reason)
     batch, length, dim, heads, hidden, experts, k = SHAPES[shape]
     torch.manual_seed(0)
     layer = SM4EncoderLayer(dim, heads, hidden, dropout=DROPOUT, batch_first=True, num_experts=experts, top_k=k,
-                            balance_loss_weight=0.05, backend=None if path == "plain_loop" else path, device=device)
+                            balance_loss_weight=0.05, backend={"plain_loop": None, "torch_grouped_mm": "cpu"}.get(path, path),
+                            device=device)
+    if peer:
+        use_torch_grouped_mm_experts(layer)
     x = torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(1)).to(device)
     if path == "plain_loop":
         plain = PlainLoopEncoderLayer(layer).to(device)

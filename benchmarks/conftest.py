@@ -15,8 +15,8 @@ import torch
 import sm4
 
 # Median seconds of the baselines measured earlier in the run, by "op/shape": the reference
-# backend, and the other named baselines (a plain per-expert loop, a dense matmul).
-BASELINES = ("reference", "plain_loop", "dense_mm", "dense_model")
+# backend, and the other named baselines (a plain per-expert loop, a dense matmul, the torch_grouped_mm peer).
+BASELINES = ("reference", "plain_loop", "dense_mm", "dense_model", "torch_grouped_mm")
 _baseline_seconds: dict[str, dict[str, float]] = {name: {} for name in BASELINES}
 # bench_peer.py's rows (sm4 beside the best torch-native peer), printed at the end of the run.
 PEER_ROWS: list[dict] = []

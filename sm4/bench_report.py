@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from ._io import pyplot, save_figure
 
-BASELINES = ("plain_loop", "reference", "dense_mm", "dense_model")
+BASELINES = ("plain_loop", "reference", "dense_mm", "dense_model", "torch_grouped_mm")
 
 
 def load(path: str) -> dict:

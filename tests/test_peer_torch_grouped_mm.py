@@ -92,3 +92,29 @@ def test_peer_with_per_token_k_zeroes_the_inactive_ranks():
     for grad, want in zip(grads, expected_grads):  # the unwritten rows past offs[-1] leak nowhere
         assert torch.isfinite(grad).all()
         torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-4)
+
+
+def test_an_encoder_layer_on_the_peer_experts_computes_the_same_layer():
+    from benchmarks.peers.swap import use_torch_grouped_mm_experts
+    from sm4.modules import collect_aux_loss
+    from sm4.modules.encoder import SM4EncoderLayer
+
+    torch.manual_seed(0)
+    layer = SM4EncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, num_experts=EXPERTS, top_k=K,
+                            backend="reference").eval()
+    swapped = SM4EncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, num_experts=EXPERTS, top_k=K,
+                              backend="reference").eval()
+    swapped.load_state_dict(layer.state_dict())
+    use_torch_grouped_mm_experts(swapped)
+    x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
+    token_k = torch.randint(1, K + 1, (3, 10), generator=torch.Generator().manual_seed(2))
+    for kw in ({}, {"token_k": token_k}):
+        want = layer(x, **kw)
+        got = swapped(x, **kw)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # eval: no noise, so the hard load is sm4's load and the balancing losses agree
+        torch.testing.assert_close(collect_aux_loss(swapped), collect_aux_loss(layer), atol=1e-6, rtol=1e-5)
+    swapped.train()
+    (swapped(x).square().mean() + collect_aux_loss(swapped)).backward()
+    assert all(torch.isfinite(p.grad).all() for p in swapped.parameters() if p.grad is not None)
+    assert swapped.ffn.w1.grad is not None and swapped.self_attn.expert_weight.grad is not None
