@@ -3,13 +3,15 @@
 // Contract: csrc/sm4_ops.cpp; ground truth: sm4/reference.py grouped_mm / grouped_weight_grad.
 //
 // Technique: the work is cut into (expert, row block) items, run in parallel; each item gathers
-// its rows (when there is a gather index) into a contiguous block and calls at::mm / at::addmm on
-// it (MKL or oneDNN: far faster than anything hand-written here) with the bias folded in, then
-// runs the epilogue (GELU, gate scale, scatter) on the block while it is still in cache; without
-// scatter the GEMM writes straight into the output rows. The offsets are read directly: on CPU
-// tensors that is a memory read, not a device sync. Low-precision inputs (fp16/bf16) go through
-// the library GEMM in their own dtype (fp32 accumulation, one rounding) and torch's GELU (fp32
-// inside), so they round as plain PyTorch does, at most once per step.
+// its rows (when there is a gather index) into a contiguous block and multiplies it by the
+// expert's weight: fp32 calls the BLAS torch links (MKL) directly on raw pointers (blas_gemm.h;
+// at::mm's dispatch and views cost as much as a 48-row expert GEMM) and adds the bias in a loop;
+// fp16/bf16 call at::addmm with the bias folded in. Without scatter the GEMM writes straight into
+// the output rows and each thread runs the GELU once over all the rows it wrote; with scatter the
+// epilogue (GELU, gate scale, scatter) runs on the block while it is still in cache. The offsets
+// are read directly: on CPU tensors that is a memory read, not a device sync. Low-precision inputs
+// (fp16/bf16) go through the library GEMM in their own dtype (fp32 accumulation, one rounding) and
+// torch's GELU (fp32 inside), so they round as plain PyTorch does, at most once per step.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,12 +19,14 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
+#include <algorithm>
 #include <cstring>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "../checks.h"
+#include "blas_gemm.h"
 
 namespace sm4 {
 namespace {
@@ -138,52 +142,93 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const 
 
   const at::Tensor weights = weight.detach().contiguous();
   const at::Tensor bias_rows = bias ? bias->contiguous() : at::Tensor();
-  // Per-expert weight and bias views, made once (a view costs as much as a small GEMM's bookkeeping).
-  std::vector<at::Tensor> expert_weight(num_experts), expert_bias(bias ? num_experts : 0);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    expert_weight[e] = transpose_weight ? weights[e].t() : weights[e];
-    if (bias) expert_bias[e] = bias_rows[e];
-  }
   const at::Tensor a_rows = a.contiguous();
   const at::Tensor gather = gather_index ? gather_index->contiguous() : at::Tensor();
-  const c10::optional<at::Tensor> gather_opt = gather_index ? c10::optional<at::Tensor>(gather) : c10::nullopt;
   const at::Tensor scatter = scatter_index ? scatter_index->contiguous() : at::Tensor();
   const at::Tensor scale = scatter_scale ? scatter_scale->to(at::kFloat).contiguous() : at::Tensor();
   const c10::string_view approximate = activation == 2 ? "tanh" : "none";
-  // Without scatter and scale, the GEMM (and GELU) write straight into out's rows.
+  // Without scatter and scale, the GEMM writes straight into out's rows, and each thread then runs
+  // the pre-activation copy and the GELU once over all the rows it wrote (one at::gelu_ over a
+  // thread's rows instead of one per expert block: a small at::gelu_ costs ~10 us of set-up).
   const bool in_place = !scatter_index && !scatter_scale;
+  // fp32: the BLAS directly on raw pointers (see blas_gemm.h); other dtypes: at::addmm / at::mm,
+  // which round fp16/bf16 once, with the bias folded in, as plain PyTorch does.
+  const bool use_blas = a.scalar_type() == at::kFloat &&
+                        blas::available(std::max({rows, in_features, out_features, num_out_rows}));
+  const int64_t weight_ld = transpose_weight ? in_features : out_features;
+  std::vector<at::Tensor> expert_weight, expert_bias;
+  if (!use_blas) {  // per-expert views, made once (a view costs as much as a small GEMM's bookkeeping)
+    expert_weight.resize(num_experts);
+    expert_bias.resize(bias ? num_experts : 0);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      expert_weight[e] = transpose_weight ? weights[e].t() : weights[e];
+      if (bias) expert_bias[e] = bias_rows[e];
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_mm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const int64_t n = out_features, width = in_features;
+    const scalar_t* a_data = a_rows.data_ptr<scalar_t>();
+    const int64_t* gather_row = gather_index ? gather.data_ptr<int64_t>() : nullptr;
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       // Per-thread workspaces, reused across this thread's items.
-      at::Tensor gathered = at::empty({0, in_features}, a.options());
-      at::Tensor product = at::empty({kRowBlock, out_features}, a.options());
+      at::Tensor gathered = at::empty({gather_index ? kRowBlock : 0, width}, a.options());
+      at::Tensor product = at::empty({in_place ? 0 : kRowBlock, n}, a.options());
       for (int64_t w = begin; w < end; ++w) {
         const WorkItem& item = items[w];
-        const int64_t m = item.rows, n = out_features;
-        const at::Tensor block = sorted_rows(a_rows, gather_opt, item.first_row, m, gathered);
-        // GEMM with the bias folded in (the library adds it before its one rounding).
-        at::Tensor y = in_place ? out.narrow(0, item.first_row, m) : product.narrow(0, 0, m);
-        if (bias) at::addmm_out(y, expert_bias[item.expert], block, expert_weight[item.expert]);
-        else at::mm_out(y, block, expert_weight[item.expert]);
-        if (keep_preact) preact.narrow(0, item.first_row, m).copy_(y);
-        if (activation != 0) at::gelu_(y, approximate);  // vectorised, computes in fp32
-        if (in_place) continue;
+        const int64_t m = item.rows;
+        // The block's input rows, contiguous: gathered by row memcpys, or a slice of a.
+        const scalar_t* block = a_data + item.first_row * width;
+        if (gather_row) {
+          scalar_t* dst = gathered.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < m; ++i)
+            std::memcpy(dst + i * width, a_data + gather_row[item.first_row + i] * width, width * sizeof(scalar_t));
+          block = dst;
+        }
+        scalar_t* y_data = in_place ? out.data_ptr<scalar_t>() + item.first_row * n : product.data_ptr<scalar_t>();
+        if (use_blas) {
+          const float* w_data = reinterpret_cast<const float*>(weights.data_ptr<scalar_t>()) + item.expert * width * n;
+          float* y = reinterpret_cast<float*>(y_data);
+          blas::gemm_rows(transpose_weight, m, n, width, reinterpret_cast<const float*>(block), width, w_data, weight_ld,
+                          0.0f, y, n);
+          if (bias) {
+            const float* b = reinterpret_cast<const float*>(bias_rows.data_ptr<scalar_t>()) + item.expert * n;
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t j = 0; j < n; ++j) y[i * n + j] += b[j];
+          }
+        } else {
+          const at::Tensor block_rows = gather_row ? gathered.narrow(0, 0, m) : a_rows.narrow(0, item.first_row, m);
+          at::Tensor y = in_place ? out.narrow(0, item.first_row, m) : product.narrow(0, 0, m);
+          if (bias) at::addmm_out(y, expert_bias[item.expert], block_rows, expert_weight[item.expert]);
+          else at::mm_out(y, block_rows, expert_weight[item.expert]);
+        }
+        if (in_place) continue;  // activation: below, once over the thread's rows
+        if (activation != 0) {
+          at::Tensor y = product.narrow(0, 0, m);
+          if (keep_preact) preact.narrow(0, item.first_row, m).copy_(y);
+          at::gelu_(y, approximate);  // vectorised, computes in fp32
+        }
         // Epilogue: gate scale (in fp32) and scatter of the rows to their places.
         const float* gate = scatter_scale ? scale.data_ptr<float>() + item.first_row : nullptr;
         const int64_t* target = scatter_index ? scatter.data_ptr<int64_t>() + item.first_row : nullptr;
-        const scalar_t* src = y.data_ptr<scalar_t>();
         scalar_t* dst = out.data_ptr<scalar_t>();
         for (int64_t i = 0; i < m; ++i) {
           scalar_t* row = dst + (target ? target[i] : item.first_row + i) * n;
           if (!gate) {
-            std::memcpy(row, src + i * n, n * sizeof(scalar_t));
+            std::memcpy(row, y_data + i * n, n * sizeof(scalar_t));
             continue;
           }
           const acc_t factor = static_cast<acc_t>(gate[i]);
-          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(src[i * n + j]) * factor);
+          for (int64_t j = 0; j < n; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(y_data[i * n + j]) * factor);
         }
+      }
+      if (in_place && activation != 0 && begin < end) {
+        // This thread's items cover the contiguous rows [first, last) of out.
+        const int64_t first = items[begin].first_row, last = items[end - 1].first_row + items[end - 1].rows;
+        at::Tensor y = out.narrow(0, first, last - first);
+        if (keep_preact) preact.narrow(0, first, last - first).copy_(y);
+        at::gelu_(y, approximate);
       }
     });
   });
@@ -218,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_weight_grad_cpu(const at::Tensor& a_i
   const c10::optional<at::Tensor> g_idx = grad_index ? c10::optional<at::Tensor>(grad_index->contiguous()) : c10::nullopt;
   // Rows per GEMM of one expert: bounds the gather buffers; chunks accumulate in a fixed order.
   constexpr int64_t kChunk = 8 * kRowBlock;
+  const bool use_blas = a.scalar_type() == at::kFloat && blas::available(std::max({kChunk, in_features, out_features}));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_weight_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // One expert per task: each writes only its own slice (deterministic).
@@ -233,8 +279,15 @@ std::tuple<at::Tensor, at::Tensor> grouped_weight_grad_cpu(const at::Tensor& a_i
           const int64_t m = std::min(kChunk, count - chunk);
           const at::Tensor g = sorted_rows(grad_rows, g_idx, first + chunk, m, g_buffer);
           const at::Tensor x = sorted_rows(a_rows, a_idx, first + chunk, m, a_buffer);
-          if (chunk == 0) at::mm_out(dw, x.t(), g);
-          else dw.addmm_(x.t(), g);
+          if (use_blas) {
+            blas::gemm_at_b(m, in_features, out_features, reinterpret_cast<const float*>(x.data_ptr<scalar_t>()),
+                            in_features, reinterpret_cast<const float*>(g.data_ptr<scalar_t>()), out_features,
+                            chunk == 0 ? 0.0f : 1.0f, reinterpret_cast<float*>(dw.data_ptr<scalar_t>()));
+          } else if (chunk == 0) {
+            at::mm_out(dw, x.t(), g);
+          } else {
+            dw.addmm_(x.t(), g);
+          }
           if (compute_bias) {
             const scalar_t* gp = g.data_ptr<scalar_t>();
             for (int64_t i = 0; i < m; ++i)
