@@ -168,6 +168,15 @@ __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
   float clean[EPT];
   bool finite;
   token_logits<x_t, EPT>(x, a.weight, a.num_tokens, a.dim, E, token, x_tile, w_tile, bad_input, clean, finite);
+  if (a.sigma > 0.f && in_batch) {  // a non-finite noise row makes the token non-finite too (as in the reference)
+    bool noise_ok = true;
+#pragma unroll
+    for (int j = 0; j < EPT; ++j) {
+      const int e = lane + j * kWarpSize;
+      if (e < E && !isfinite(a.noise[token * E + e])) noise_ok = false;
+    }
+    finite = __all_sync(kFullMask, noise_ok) && finite;  // in_batch is the same on every lane of the warp
+  }
   // From here w_tile is free: it holds this block's per-token contributions.
   float* importance_part = w_tile;                         // kTokensPerBlock * E
   float* load_part = importance_part + kTokensPerBlock * E;
