@@ -34,9 +34,10 @@ def expert_params(experts, d_in, d_out, dtype=torch.float64, seed=1, bias=True):
 
 
 def kernel_device(backend: str) -> str:
-    """The device a kernel backend's tests run on: cuda for cuda, and for triton when a GPU exists
-    (otherwise Triton runs on CPU tensors through its interpreter)."""
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    """The device a kernel backend's tests run on: cuda for cuda and triton when a GPU exists;
+    otherwise CPU tensors (Triton through its interpreter, the CUDA kernels under the emulation of
+    tests/cuda_emulation, see tests/conftest.py)."""
+    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
 
 def skip_unless_runs(backend: str, op: str | None = None):

@@ -274,3 +274,15 @@ def test_balance_terms_match_cv_squared(experts):
             assert torch.autograd.gradcheck(lambda i, l: routing.balance_terms(i, l), inputs)
             reference_grads = torch.autograd.grad(sum(reference.cv_squared(v) for v in inputs), inputs)
             torch.testing.assert_close(torch.autograd.grad(sum(routing.balance_terms(*inputs)), inputs), reference_grads)
+
+
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_token_with_non_finite_noise_is_excluded_like_the_reference(backend):
+    """The reference treats a token whose noise row is non-finite as a non-finite token (NaN gates,
+    not counted in importance or load); the CUDA kernel must too."""
+    skip_unless_runs(backend)
+    x, w = make_inputs(24, 16, 9, torch.float32)
+    noise = torch.randn(24, 9, generator=torch.Generator().manual_seed(0))
+    noise[7, 2] = math.nan
+    out = run(backend, x, w, 3, training=True, noise=noise)
+    assert_routing_equal(out, reference(x, w, 3, training=True, noise=noise), "non-finite noise row")

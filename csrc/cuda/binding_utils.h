@@ -6,7 +6,27 @@
 
 #include "launchers.h"
 
+// Where the CUDA kernels register: sm4::* for the CUDA dispatch key. The test suite's CPU emulation
+// (tests/cuda_emulation) compiles these bindings with -DSM4_CUDA_EMULATION into a CPU extension of
+// its own: its own op namespace (sm4._C's CPU kernels own sm4::* on CPU) and the CPU key.
+#ifdef SM4_CUDA_EMULATION
+#define SM4_CUDA_OPS sm4_cuda_emulated
+#define SM4_CUDA_KEY CPU
+#else
+#define SM4_CUDA_OPS sm4
+#define SM4_CUDA_KEY CUDA
+#endif
+
 namespace sm4 {
+
+// Whether t is on the device the kernels run on (a CUDA device; the CPU under emulation).
+inline bool on_kernel_device(const at::Tensor& t) {
+#ifdef SM4_CUDA_EMULATION
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

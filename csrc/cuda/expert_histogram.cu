@@ -6,6 +6,7 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include "emulation_seams.cuh"
 #include "launchers.h"
 
 namespace sm4::cuda {
@@ -26,7 +27,7 @@ __global__ void zero_counts_kernel(unsigned long long* counts, int64_t num_exper
 template <typename index_t, bool kShared>
 __global__ void histogram_kernel(const index_t* __restrict__ ids, int64_t num_assignments,
                                  int64_t num_experts, unsigned long long* __restrict__ counts) {
-  extern __shared__ unsigned int block_counts[];
+  SM4_DYNAMIC_SHARED(unsigned int, block_counts);
   if (kShared) {
     for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) block_counts[e] = 0;
     __syncthreads();
@@ -77,11 +78,9 @@ void launch_count(const index_t* ids, int64_t num_assignments, int64_t num_exper
   const int blocks = static_cast<int>(wanted < 1024 ? (wanted < 1 ? 1 : wanted) : 1024);
   if (num_experts <= kMaxSharedExperts) {
     const size_t shared = static_cast<size_t>(num_experts) * sizeof(unsigned int);
-    histogram_kernel<index_t, true>
-        <<<blocks, kHistogramThreads, shared, stream>>>(ids, num_assignments, num_experts, counts);
+    SM4_LAUNCH(blocks, kHistogramThreads, shared, stream, histogram_kernel<index_t, true>)(ids, num_assignments, num_experts, counts);
   } else {
-    histogram_kernel<index_t, false>
-        <<<blocks, kHistogramThreads, 0, stream>>>(ids, num_assignments, num_experts, counts);
+    SM4_LAUNCH(blocks, kHistogramThreads, 0, stream, histogram_kernel<index_t, false>)(ids, num_assignments, num_experts, counts);
   }
 }
 
@@ -91,7 +90,7 @@ cudaError_t launch_expert_histogram(const void* expert_ids, bool ids_are_int64,
                                     int64_t num_assignments, int64_t num_experts, int64_t* counts,
                                     int64_t* offsets, cudaStream_t stream) {
   auto* counts_u64 = reinterpret_cast<unsigned long long*>(counts);
-  zero_counts_kernel<<<1, 256, 0, stream>>>(counts_u64, num_experts);
+  SM4_LAUNCH(1, 256, 0, stream, zero_counts_kernel)(counts_u64, num_experts);
   if (num_assignments > 0) {
     if (ids_are_int64) {
       launch_count(static_cast<const int64_t*>(expert_ids), num_assignments, num_experts,
@@ -101,7 +100,7 @@ cudaError_t launch_expert_histogram(const void* expert_ids, bool ids_are_int64,
                    counts_u64, stream);
     }
   }
-  exclusive_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, num_experts, offsets);
+  SM4_LAUNCH(1, kScanThreads, 0, stream, exclusive_scan_kernel)(counts, num_experts, offsets);
   return cudaGetLastError();
 }
 

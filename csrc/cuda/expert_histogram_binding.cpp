@@ -30,6 +30,6 @@ std::tuple<at::Tensor, at::Tensor> expert_histogram_cuda(const at::Tensor& exper
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sm4, CUDA, m) { m.impl("expert_histogram", &expert_histogram_cuda); }
+TORCH_LIBRARY_IMPL(SM4_CUDA_OPS, SM4_CUDA_KEY, m) { m.impl("expert_histogram", &expert_histogram_cuda); }
 
 }  // namespace sm4

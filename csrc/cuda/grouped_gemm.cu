@@ -44,6 +44,7 @@
 #include <type_traits>
 
 #include "float_convert.cuh"
+#include "emulation_seams.cuh"
 #include "launchers.h"
 
 namespace sm4::cuda {
@@ -676,10 +677,10 @@ cudaError_t zero_rows_from(void* out, FloatType type, const int64_t* first_row, 
   if (rows == 0 || cols == 0) return cudaSuccess;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(rows * cols, kZeroThreads), 4096));
   if (type == FloatType::kFloat32)
-    zero_rows_from_kernel<uint32_t><<<blocks, kZeroThreads, 0, stream>>>(static_cast<uint32_t*>(out), first_row, max_first,
+    SM4_LAUNCH(blocks, kZeroThreads, 0, stream, zero_rows_from_kernel<uint32_t>)(static_cast<uint32_t*>(out), first_row, max_first,
                                                                          rows, cols);
   else
-    zero_rows_from_kernel<uint16_t><<<blocks, kZeroThreads, 0, stream>>>(static_cast<uint16_t*>(out), first_row, max_first,
+    SM4_LAUNCH(blocks, kZeroThreads, 0, stream, zero_rows_from_kernel<uint16_t>)(static_cast<uint16_t*>(out), first_row, max_first,
                                                                          rows, cols);
   return cudaGetLastError();
 }
@@ -688,8 +689,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 template <typename T, int BM>
 void launch_tc_forward(const MmParams& p, bool transpose, int64_t grid, cudaStream_t stream) {
-  if (transpose) grouped_mm_tc_kernel<T, BM, true><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
-  else grouped_mm_tc_kernel<T, BM, false><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
+  if (transpose) SM4_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, stream, grouped_mm_tc_kernel<T, BM, true>)(p);
+  else SM4_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, stream, grouped_mm_tc_kernel<T, BM, false>)(p);
 }
 
 }  // namespace
@@ -717,7 +718,7 @@ cudaError_t launch_grouped_mm(const GroupedMmArgs& x, cudaStream_t stream) {
   // Row tile: 64 for fp32; for 16-bit 128, or 64 when experts average fewer than 128 rows.
   const int tile_rows = fp32 || x.M < 128 * x.E ? 64 : 128;
   const int tile_cols = fp32 ? kSimtTile : kTcBN;
-  tile_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(x.expert_offsets, x.E, x.M, tile_rows, x.workspace);
+  SM4_LAUNCH(1, kScheduleThreads, 0, stream, tile_schedule_kernel)(x.expert_offsets, x.E, x.M, tile_rows, x.workspace);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
 
@@ -746,8 +747,8 @@ cudaError_t launch_grouped_mm(const GroupedMmArgs& x, cudaStream_t stream) {
 
   switch (x.type) {
     case FloatType::kFloat32:
-      if (x.transpose_weight) grouped_mm_simt_kernel<true><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
-      else grouped_mm_simt_kernel<false><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
+      if (x.transpose_weight) SM4_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, stream, grouped_mm_simt_kernel<true>)(p);
+      else SM4_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, stream, grouped_mm_simt_kernel<false>)(p);
       break;
     case FloatType::kFloat16:
       if (tile_rows == 128) launch_tc_forward<__half, 128>(p, x.transpose_weight, grid, stream);
@@ -787,13 +788,13 @@ cudaError_t launch_grouped_weight_grad(const GroupedWeightGradArgs& x, cudaStrea
   const int64_t grid = std::min(x.E * p.k_tiles * p.n_tiles, kMaxBlocks);
   switch (x.type) {
     case FloatType::kFloat32:
-      weight_grad_simt_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
+      SM4_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, stream, weight_grad_simt_kernel)(p);
       break;
     case FloatType::kFloat16:
-      weight_grad_tc_kernel<__half><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
+      SM4_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, stream, weight_grad_tc_kernel<__half>)(p);
       break;
     default:
-      weight_grad_tc_kernel<__nv_bfloat16><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
+      SM4_LAUNCH(static_cast<unsigned>(grid), kThreads, 0, stream, weight_grad_tc_kernel<__nv_bfloat16>)(p);
       break;
   }
   return cudaGetLastError();

@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cuda(const at::Tensor& a, const at
                                                    const std::optional<at::Tensor>& scatter_scale, int64_t num_out_rows,
                                                    bool transpose_weight, int64_t activation, bool save_preact) {
   const char* op = "sm4.grouped_mm";
-  TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got ", a.device());
+  TORCH_CHECK(on_kernel_device(a), op, ": a must be a CUDA tensor, got ", a.device());
   TORCH_CHECK(a.dim() == 2, op, ": a must be (rows, K), got ", a.sizes());
   TORCH_CHECK(weight.dim() == 3, op, ": weight must be (E, K, N) (or (E, N, K) with transpose_weight), got ", weight.sizes());
   const cuda::FloatType type = float_type(a, op);
@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_weight_grad_cuda(const at::Tensor& a,
                                                             const std::optional<at::Tensor>& a_index,
                                                             const std::optional<at::Tensor>& grad_index, bool compute_bias) {
   const char* op = "sm4.grouped_weight_grad";
-  TORCH_CHECK(a.is_cuda(), op, ": a must be a CUDA tensor, got ", a.device());
+  TORCH_CHECK(on_kernel_device(a), op, ": a must be a CUDA tensor, got ", a.device());
   TORCH_CHECK(a.dim() == 2 && grad.dim() == 2, op, ": need a (rows, K) and grad (rows, N), got ", a.sizes(), " and ",
               grad.sizes());
   const cuda::FloatType type = float_type(a, op);
@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_weight_grad_cuda(const at::Tensor& a,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sm4, CUDA, m) {
+TORCH_LIBRARY_IMPL(SM4_CUDA_OPS, SM4_CUDA_KEY, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("grouped_weight_grad", &grouped_weight_grad_cuda);
 }

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "float_convert.cuh"
+#include "emulation_seams.cuh"
 #include "launchers.h"
 
 namespace sm4::cuda {
@@ -26,7 +27,7 @@ __device__ __forceinline__ int64_t bin_of(int64_t expert, int64_t num_experts) {
 
 __global__ void bin_counts_kernel(const int64_t* __restrict__ ids, int64_t n, int64_t num_experts,
                                   int64_t* __restrict__ block_counts) {
-  extern __shared__ unsigned int counts[];
+  SM4_DYNAMIC_SHARED(unsigned int, counts);
   const int64_t bins = num_experts + 1;
   for (int64_t e = threadIdx.x; e < bins; e += blockDim.x) counts[e] = 0;
   __syncthreads();
@@ -132,7 +133,7 @@ template <typename T>
 struct ScatterRows {
   static cudaError_t run(const void* x, const int64_t* rows, int64_t tokens, int64_t k, int64_t dim, void* out,
                          cudaStream_t stream) {
-    scatter_rows_kernel<T><<<tokens, kRowThreads, 0, stream>>>(static_cast<const T*>(x), rows, k, dim, static_cast<T*>(out));
+    SM4_LAUNCH(tokens, kRowThreads, 0, stream, scatter_rows_kernel<T>)(static_cast<const T*>(x), rows, k, dim, static_cast<T*>(out));
     return cudaGetLastError();
   }
 };
@@ -142,7 +143,7 @@ struct ZeroRows {
   static cudaError_t run(void* out, const int64_t* first_row, int64_t num_rows, int64_t dim, cudaStream_t stream) {
     const int64_t elements = num_rows * dim;
     const int blocks = static_cast<int>(std::min<int64_t>((elements + kRowThreads - 1) / kRowThreads, 4096));
-    zero_rows_kernel<T><<<blocks, kRowThreads, 0, stream>>>(static_cast<T*>(out), first_row, num_rows, dim);
+    SM4_LAUNCH(blocks, kRowThreads, 0, stream, zero_rows_kernel<T>)(static_cast<T*>(out), first_row, num_rows, dim);
     return cudaGetLastError();
   }
 };
@@ -151,7 +152,7 @@ template <typename T>
 struct CombineRows {
   static cudaError_t run(const void* src, const float* weights, const int64_t* rows, int64_t tokens, int64_t k, int64_t dim,
                          void* out, cudaStream_t stream) {
-    combine_rows_kernel<T><<<tokens, kRowThreads, 0, stream>>>(static_cast<const T*>(src), weights, rows, k, dim,
+    SM4_LAUNCH(tokens, kRowThreads, 0, stream, combine_rows_kernel<T>)(static_cast<const T*>(src), weights, rows, k, dim,
                                                                static_cast<T*>(out));
     return cudaGetLastError();
   }
@@ -161,7 +162,7 @@ template <typename T>
 struct UnpermuteBackward {
   static cudaError_t run(const void* grad_y, const void* y_sorted, const float* gates, const int64_t* rows, int64_t tokens,
                          int64_t k, int64_t dim, void* grad_sorted, float* grad_gates, cudaStream_t stream) {
-    unpermute_backward_kernel<T><<<tokens, kRowThreads, 0, stream>>>(
+    SM4_LAUNCH(tokens, kRowThreads, 0, stream, unpermute_backward_kernel<T>)(
         static_cast<const T*>(grad_y), static_cast<const T*>(y_sorted), gates, rows, k, dim, static_cast<T*>(grad_sorted),
         grad_gates);
     return cudaGetLastError();
@@ -175,7 +176,7 @@ cudaError_t launch_bin_counts(const int64_t* ids, int64_t n, int64_t num_experts
   const int64_t blocks = (n + kSortBlock - 1) / kSortBlock;
   const size_t shared = static_cast<size_t>(num_experts + 1) * sizeof(unsigned int);
   if (shared > 48 * 1024) return cudaErrorInvalidValue;
-  bin_counts_kernel<<<blocks, kSortBlock, shared, stream>>>(ids, n, num_experts, block_counts);
+  SM4_LAUNCH(blocks, kSortBlock, shared, stream, bin_counts_kernel)(ids, n, num_experts, block_counts);
   return cudaGetLastError();
 }
 
@@ -184,7 +185,7 @@ cudaError_t launch_metadata_scatter(const int64_t* ids, const int64_t* block_sta
                                     cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kSortBlock - 1) / kSortBlock;
-  metadata_scatter_kernel<<<blocks, kSortBlock, 0, stream>>>(ids, block_start, n, num_experts, k, sorted_assignment,
+  SM4_LAUNCH(blocks, kSortBlock, 0, stream, metadata_scatter_kernel)(ids, block_start, n, num_experts, k, sorted_assignment,
                                                              sorted_token, assignment_row);
   return cudaGetLastError();
 }

@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sm4, CUDA, m) {
+TORCH_LIBRARY_IMPL(SM4_CUDA_OPS, SM4_CUDA_KEY, m) {
   m.impl("routing_metadata", &routing_metadata_cuda);
   m.impl("permute", &permute_cuda);
   m.impl("permute_backward", &permute_backward_cuda);

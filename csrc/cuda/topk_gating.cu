@@ -19,6 +19,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "emulation_seams.cuh"
 #include "launchers.h"
 
 namespace sm4::cuda {
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
     float* __restrict__ entropy, int64_t* __restrict__ runner_up, float* __restrict__ logits,
     float* __restrict__ block_importance,
     float* __restrict__ block_load, int64_t* __restrict__ block_counts) {
-  extern __shared__ float shared[];
+  SM4_DYNAMIC_SHARED(float, shared);
   float* w_tile = shared;                                  // kTileD * E (reused for partial sums)
   float* x_tile = w_tile + kTileD * a.num_experts;          // kTokensPerBlock * kTileD
   int* bad_input = reinterpret_cast<int*>(x_tile + kTokensPerBlock * kTileD);
@@ -167,6 +168,15 @@ __global__ void __launch_bounds__(kThreads, 2) gating_forward_kernel(
   float clean[EPT];
   bool finite;
   token_logits<x_t, EPT>(x, a.weight, a.num_tokens, a.dim, E, token, x_tile, w_tile, bad_input, clean, finite);
+  if (a.sigma > 0.f && in_batch) {  // a non-finite noise row makes the token non-finite too (as in the reference)
+    bool noise_ok = true;
+#pragma unroll
+    for (int j = 0; j < EPT; ++j) {
+      const int e = lane + j * kWarpSize;
+      if (e < E && !isfinite(a.noise[token * E + e])) noise_ok = false;
+    }
+    finite = __all_sync(kFullMask, noise_ok) && finite;  // in_batch is the same on every lane of the warp
+  }
   // From here w_tile is free: it holds this block's per-token contributions.
   float* importance_part = w_tile;                         // kTokensPerBlock * E
   float* load_part = importance_part + kTokensPerBlock * E;
@@ -464,7 +474,7 @@ struct ForwardLaunch {
                          int64_t* runner_up, float* logits, float* block_importance, float* block_load,
                          int64_t* block_counts, cudaStream_t stream) {
     const int64_t blocks = topk_gating_num_blocks(a.num_tokens);
-    gating_forward_kernel<x_t, EPT><<<blocks, kThreads, shared_bytes(a.num_experts), stream>>>(
+    SM4_LAUNCH(blocks, kThreads, shared_bytes(a.num_experts), stream, gating_forward_kernel<x_t, EPT>)(
         static_cast<const x_t*>(x), a, ids, gates, entropy, runner_up, logits, block_importance, block_load,
         block_counts);
     return cudaGetLastError();
@@ -476,7 +486,7 @@ cudaError_t launch_backward(const float* logits, const GatingArgs& a, const int6
                             const float* d_gates, const float* d_importance, const float* d_load, float* d_logits,
                             cudaStream_t stream) {
   const int64_t blocks = topk_gating_num_blocks(a.num_tokens);
-  gating_backward_kernel<EPT><<<blocks, kThreads, 0, stream>>>(logits, a, ids, runner_up, d_gates, d_importance,
+  SM4_LAUNCH(blocks, kThreads, 0, stream, gating_backward_kernel<EPT>)(logits, a, ids, runner_up, d_gates, d_importance,
                                                               d_load, d_logits);
   return cudaGetLastError();
 }

@@ -14,7 +14,7 @@ namespace sm4 {
 namespace {
 
 void check_gating(const at::Tensor& x, const at::Tensor& router_weight, int64_t k, const char* op) {
-  TORCH_CHECK(x.is_cuda() && router_weight.is_cuda(), op, ": x and router_weight must be CUDA tensors");
+  TORCH_CHECK(on_kernel_device(x) && on_kernel_device(router_weight), op, ": x and router_weight must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2, op, ": x must be (T, d), got ", x.dim(), " dims");
   TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(0) == x.size(1), op,
               ": router_weight must be (d, E) with d = ", x.size(1), ", got ", router_weight.sizes());
@@ -73,7 +73,7 @@ at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_gates, const at::Ten
                                      const std::optional<at::Tensor>& noise, const at::Tensor& expert_ids,
                                      const at::Tensor& runner_up, double sigma, bool renormalize) {
   const char* op = "sm4.topk_gating_backward";
-  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2, op, ": logits must be the forward's (T, E) CUDA logits");
+  TORCH_CHECK(on_kernel_device(logits) && logits.dim() == 2, op, ": logits must be the forward's (T, E) CUDA logits");
   const int64_t T = logits.size(0), E = logits.size(1), k = expert_ids.size(1);
   TORCH_CHECK(E >= 1 && E <= cuda::kGatingMaxExperts && k >= 1 && k <= E, op, ": need 1 <= k <= E <= ",
               cuda::kGatingMaxExperts);
@@ -95,7 +95,7 @@ at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_gates, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sm4, CUDA, m) {
+TORCH_LIBRARY_IMPL(SM4_CUDA_OPS, SM4_CUDA_KEY, m) {
   m.impl("topk_gating_forward", &topk_gating_forward_cuda);
   m.impl("topk_gating_backward", &topk_gating_backward_cuda);
 }
