@@ -59,16 +59,20 @@ def _prepare_logits(clean, finite, noise_ptr, tokens, token_mask, num_experts, e
                     HAS_NOISE: tl.constexpr):
     """Clean and noisy logits (padded experts -inf) and the tokens to route (in batch, finite).
 
-    A non-finite token's logits are replaced by zeros (as if all equal), as the reference does.
+    A token is finite when its input, clean logits and noisy logits all are (a NaN/inf noise row
+    makes it non-finite, as in the reference). A non-finite token's logits are replaced by zeros
+    (as if all equal), as the reference does.
     """
     finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(clean) < float("inf"), 1).to(tl.int32), axis=1) > 0)
-    good = token_mask & finite
-    clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
     if HAS_NOISE:
         eps = tl.load(noise_ptr + tokens[:, None] * num_experts + experts[None, :], mask=token_mask[:, None] & expert_mask[None, :], other=0.0)
         noisy = clean + sigma * eps.to(tl.float32)
+        finite = finite & (tl.min(tl.where(expert_mask[None, :], tl.abs(noisy) < float("inf"), 1).to(tl.int32), axis=1) > 0)
     else:
         noisy = clean
+    good = token_mask & finite
+    clean = tl.where(expert_mask[None, :] & good[:, None], clean, 0.0)
+    noisy = tl.where(expert_mask[None, :] & good[:, None], noisy, 0.0)
     clean = tl.where(expert_mask[None, :], clean, float("-inf"))
     noisy = tl.where(expert_mask[None, :], noisy, float("-inf"))
     return clean, noisy, finite, good

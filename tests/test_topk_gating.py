@@ -168,6 +168,30 @@ def test_non_finite_token_among_good_ones(backend, bad):
     assert torch.isfinite(wk.grad).all(), "the router gradient must stay finite"
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_noise_row_excludes_the_token(backend, bad):
+    """The noisy logits decide the routing: a token whose noise row is not finite is a non-finite
+    token (routed to the lowest experts, NaN gates, out of importance and load), as in the
+    reference; before, the kernels counted it, and importance/load differed by up to 2.0."""
+    skip_unless_runs(backend)
+    x, w = make_inputs(24, 16, 9, torch.float32)
+    noise = torch.randn(24, 9, generator=torch.Generator().manual_seed(0))
+    noise[7, 4] = bad
+    xk = x.clone().to(kernel_device(backend)).requires_grad_(True)
+    wk = w.clone().to(kernel_device(backend)).requires_grad_(True)
+    out = ops.topk_gating(xk, wk, 3, training=True, noise=noise.to(xk.device), backend=backend)
+    ref_x, ref_w = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = reference(ref_x, ref_w, 3, training=True, noise=noise)
+    assert_routing_equal(out, ref, "non-finite noise row")
+    assert torch.isnan(out.gates[7]).all() and torch.isnan(out.entropy[7])
+    keep = torch.arange(24) != 7
+    (out.importance_loss + out.load_loss + out.gates[keep.to(xk.device)].sum()).backward()
+    (ref.importance_loss + ref.load_loss + ref.gates[keep].sum()).backward()
+    torch.testing.assert_close(wk.grad.cpu().double(), ref_w.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(xk.grad.cpu().double(), ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("noise_std", [0.5, 8.0, 64.0])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_smooth_load_across_the_normal_cdf(backend, noise_std):

@@ -274,7 +274,14 @@ SM4_INLINE void route_block(const ForwardBlock<acc_t>& b, TokenScratch<acc_t>& s
     const int64_t kt = b.token_k ? b.token_k[i] : k;
     int64_t* ids = b.expert_ids + i * k;
     acc_t* gates = b.gates + i * k;
-    if (!all_finite(clean, E)) {
+    // The noisy logits decide the routing, so a non-finite noise row (or a sum that overflows)
+    // makes the token non-finite too, as in sm4/reference.py.
+    const acc_t* noisy = clean;
+    if (noisy_routing) {
+      add_noise(clean, b.noise + i * E, b.sigma, s.noisy.data(), E);
+      noisy = s.noisy.data();
+    }
+    if (!all_finite(clean, E) || (noisy_routing && !all_finite(noisy, E))) {
       // Routed as if every logit were equal; NaN gates, entropy and saved logits; not in
       // importance/load.
       std::fill(clean, clean + E, nan);
@@ -286,11 +293,6 @@ SM4_INLINE void route_block(const ForwardBlock<acc_t>& b, TokenScratch<acc_t>& s
       b.entropy[i] = nan;
       b.runner_up[i] = -1;
       continue;
-    }
-    const acc_t* noisy = clean;
-    if (noisy_routing) {
-      add_noise(clean, b.noise + i * E, b.sigma, s.noisy.data(), E);
-      noisy = s.noisy.data();
     }
     acc_t* best = s.values.data();  // noisy logits of the ranked experts, in rank order
     rank_experts(noisy, E, ranked, s.order.data(), best);
