@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sm4._double_backward import differentiable_permute_backward, differentiable_unpermute_backward
+
 # Assignments per program of the sort: the in-block rank costs BLOCK^2 comparisons.
 SORT_BLOCK = 128
 
@@ -246,6 +248,8 @@ def _permute_setup(ctx, inputs, output):
 
 def _permute_backward(ctx, grad):
     (assignment_row,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the same sum in differentiable PyTorch ops
+        return differentiable_permute_backward(grad, assignment_row), None, None
     return permute_backward_op(grad, assignment_row), None, None
 
 
@@ -255,6 +259,8 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad_y):
     y_sorted, gates, assignment_row, expert_offsets = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable PyTorch ops
+        return (*differentiable_unpermute_backward(grad_y, y_sorted, gates, assignment_row), None, None)
     grad_sorted, grad_gates = unpermute_backward_op(grad_y, y_sorted, gates, assignment_row, expert_offsets)
     return grad_sorted, grad_gates, None, None
 

@@ -13,6 +13,7 @@ and ``sm4.backends`` the backend selection; ``sm4.kernels`` holds the Triton ker
 
 from . import _extension, backends, compiled, dispatch, ops, reference
 from .dispatch import BackendNotSupportedError, available_backends, implemented_ops, use_backend
+from ._double_backward import DoubleBackwardNotSupportedError
 from .modules import MoEConfig, SM4EncoderLayer, SparseMoEAttention, SparseMoEFFN, collect_aux_loss, set_backend
 from .types import MoEOutput, RoutingMetadata, RoutingResult
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "DoubleBackwardNotSupportedError",
     "MoEConfig",
     "MoEOutput",
     "RoutingMetadata",

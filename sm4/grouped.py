@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._double_backward import refuse_double_backward
 from .reference import ACTIVATION_CODES
 from .types import RoutingMetadata
 
@@ -75,6 +76,7 @@ def make_layers(kernels: GroupedKernels):
 
         @staticmethod
         def backward(ctx, grad_out):
+            refuse_double_backward(f"sm4 expert_linear / grouped_linear ({grouped_mm.__module__} kernels)")
             x, weight, offsets, gather, scatter = ctx.saved_tensors
             grad_out = grad_out.contiguous()
             grad_x = grad_weight = grad_bias = None
@@ -103,6 +105,7 @@ def make_layers(kernels: GroupedKernels):
 
         @staticmethod
         def backward(ctx, grad_out):
+            refuse_double_backward(f"sm4 expert_ffn / grouped_ffn ({grouped_mm.__module__} kernels)")
             x, w1, b1, w2, offsets, gather, scatter, pre = ctx.saved_tensors
             grad_out = grad_out.contiguous()
             if pre is None:  # recompute_hidden: one more GEMM instead of keeping N x h elements

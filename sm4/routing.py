@@ -12,6 +12,7 @@ tiny finishing step (the two CV² terms) in PyTorch.
 import torch
 
 from . import reference
+from ._double_backward import refuse_double_backward
 from .types import RoutingResult
 
 
@@ -48,6 +49,7 @@ def register_gating(forward_name: str, backward_name: str, backward_op):
         ctx.sigma, ctx.renormalize = sigma, renormalize
 
     def backward(ctx, d_gates, _d_ids, _d_entropy, d_importance, d_load, _d_counts, _d_runner, _d_logits):
+        refuse_double_backward(f"sm4 topk_gating ({forward_name})")
         x, router_weight, noise, expert_ids, gates, runner_up, logits = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
@@ -107,8 +109,9 @@ class BalanceTerms(torch.autograd.Function):
         return cv[0], cv[1]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # like the gating op itself: no double backward
     def backward(ctx, d_importance_cv, d_load_cv):
+        # The saved statistics are detached: no second derivative (nor has the gating op below it).
+        refuse_double_backward("sm4 topk_gating's balancing loss (kernel backends)")
         values, mean, denominator, cv = ctx.saved_tensors
         experts = values.shape[1]
         scale = (torch.stack((d_importance_cv, d_load_cv)) / denominator)[:, None]

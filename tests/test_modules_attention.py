@@ -202,7 +202,7 @@ def test_bad_arguments_are_as_clear_as_multihead_attention():
     with pytest.raises(ValueError, match="sparse must name projections"):
         SparseMoEAttention(8, 2, sparse=("q", "o"))
     layer = SparseMoEAttention(8, 2, num_experts=2)
-    with pytest.raises(ValueError, match="3-D .* or 2-D"):
+    with pytest.raises(ValueError, match="unbatched 2D or batched 3D"):
         layer(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8))
 
 

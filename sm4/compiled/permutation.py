@@ -3,6 +3,7 @@ with the ``sm4.ops`` signatures (``routing_metadata``, ``permute``, ``unpermute`
 
 import torch
 
+from .._double_backward import differentiable_permute_backward, differentiable_unpermute_backward
 from ..types import RoutingMetadata
 
 
@@ -44,8 +45,12 @@ def _permute_setup(ctx, inputs, output):
     ctx.save_for_backward(assignment_row)
 
 
+# Under create_graph=True (grad mode on in a backward) both backwards run as differentiable
+# PyTorch ops instead of the kernels: exact second derivatives (see sm4._double_backward).
 def _permute_backward(ctx, grad):
     (assignment_row,) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return differentiable_permute_backward(grad, assignment_row), None, None
     return torch.ops.sm4.permute_backward(grad.contiguous(), assignment_row), None, None
 
 
@@ -56,6 +61,8 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad_y):
     y_sorted, gates, assignment_row = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return (*differentiable_unpermute_backward(grad_y, y_sorted, gates, assignment_row), None)
     grad_sorted, grad_gates = torch.ops.sm4.unpermute_backward(grad_y.contiguous(), y_sorted, gates, assignment_row)
     return grad_sorted, grad_gates, None
 

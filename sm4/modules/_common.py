@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..types import RoutingResult
+from ._mha_compat import jit_script_refusal
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class SparseMoEModule(nn.Module):
     Attributes after a forward:
         aux_loss: () tensor, ``balance_loss_weight * sum over this module's routers of
             (CV^2(importance) + CV^2(load))``, differentiable; None before the first forward.
+            Each forward replaces it, so it holds at most the last forward's graph (already
+            freed by that step's backward, and none under torch.no_grad); copies and pickles of
+            the module start with None.
         routing_stats: {router name: {"expert_counts": (E,) int64, "expert_ids": (T, k) int64
             (-1 = inactive rank), "entropy": (T,) per-token routing entropy, "load": (E,),
             "importance": (E,)}}, detached.
@@ -100,6 +104,21 @@ class SparseMoEModule(nn.Module):
             }
             for name, r in routings.items()
         }
+
+    # The kept statistics belong to the last forward, not to the module's state: a copy
+    # (copy.deepcopy, nn.TransformerEncoder(layer, N), pickling, torch.save(model)) starts without
+    # them. aux_loss is a non-leaf tensor holding that forward's graph, which deepcopy cannot copy
+    # and a checkpoint must not carry. (Neither is ever in the state_dict: they are no buffers.)
+    _TRANSIENT = {"aux_loss": None, "routing_stats": {}}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name, empty in self._TRANSIENT.items():
+            state[name] = type(empty)() if isinstance(empty, dict) else empty
+        return state
+
+    def __prepare_scriptable__(self):
+        raise jit_script_refusal(self)
 
     def extra_repr(self) -> str:
         m = self.moe

@@ -6,15 +6,19 @@ inference, where torch's flash kernel is slower: ``sm4.ops.scaled_dot_product_at
 explicit softmax path when the weights are asked for); the output projection is dense. When query, key and value are one tensor, the
 three routings feed one fused grouped GEMM over the 3E Q/K/V experts (``sm4.ops.moe_qkv``).
 
-Constructor arguments, defaults, forward signature, return values, mask conventions and
-attribute names (``out_proj``, ``batch_first``, ``_qkv_same_embed_dim``, ``bias_k``/``bias_v``)
-follow ``nn.MultiheadAttention``, so the module can replace it, e.g. as the ``self_attn`` of
-``nn.TransformerEncoderLayer``. ``in_proj_weight`` and ``in_proj_bias`` exist and are None, which
-keeps torch's fused fast paths (written for the dense layer) out of the way.
+Constructor arguments, defaults, forward signature, return values, mask conventions, exception
+classes and attribute names (``out_proj``, ``batch_first``, ``_qkv_same_embed_dim``,
+``bias_k``/``bias_v``, ``q/k/v_proj_weight``, ``merge_masks``, ...) follow
+``nn.MultiheadAttention``, so the module can replace it, e.g. as the ``self_attn`` of the layers
+of an already built ``nn.TransformerEncoder`` / ``nn.Transformer``. The packed projection does not
+exist: ``in_proj_bias`` is None and ``in_proj_weight`` a tensor that refuses every use, which makes
+torch's fused fast-path checks (written for the dense layer) decline instead of crashing.
+Nested-tensor input (what torch's encoder makes of a padding mask) is accepted.
 """
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,8 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
 from ._common import MoEConfig, SparseMoEModule, init_experts_like_linear, init_router
+from ._mha_compat import (NO_PACKED_PROJECTION, AttentionRuntimeError, AttentionTypeError, AttentionValueError,
+                          padding_mask, renest, unnest)
 
 PROJECTIONS = ("q", "k", "v")
 
@@ -67,7 +73,7 @@ class SparseMoEAttention(SparseMoEModule):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and num_heads={num_heads}")
+            raise AttentionValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and num_heads={num_heads}")
         sparse = tuple(sparse)
         unknown = [name for name in sparse if name not in PROJECTIONS]
         if unknown:
@@ -89,9 +95,12 @@ class SparseMoEAttention(SparseMoEModule):
                 else:
                     setattr(self, f"{name}_proj_weight", nn.Parameter(torch.empty(embed_dim, in_dims[name], **factory)))
                     setattr(self, f"{name}_proj_bias", nn.Parameter(torch.empty(embed_dim, **factory)) if bias else None)
-        # nn.MultiheadAttention's packed projection does not exist here; None disables torch's
-        # fast paths, which read it.
-        self.register_parameter("in_proj_weight", None)
+        # nn.MultiheadAttention's attributes: a sparse projection has no dense weight (None, as
+        # MHA's q/k/v_proj_weight are None when packed); the packed in_proj_bias is None (torch's
+        # layer fast path then declines: "bias=False") and in_proj_weight is a property (below).
+        for name in PROJECTIONS:
+            if not hasattr(self, f"{name}_proj_weight"):
+                self.register_parameter(f"{name}_proj_weight", None)
         self.register_parameter("in_proj_bias", None)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
@@ -101,6 +110,13 @@ class SparseMoEAttention(SparseMoEModule):
         self.add_zero_attn = add_zero_attn
         self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         self._reset_parameters()
+
+    @property
+    def in_proj_weight(self):
+        """nn.MultiheadAttention's packed Q/K/V weight, which does not exist here: a tensor whose
+        every use raises, so that torch's fast-path checks (which read it) decline cleanly (see
+        ``sm4.modules._mha_compat``). Not a parameter, not in the state_dict."""
+        return NO_PACKED_PROJECTION
 
     def _reset_parameters(self):
         in_dims = {"q": self.embed_dim, "k": self.kdim, "v": self.vdim}
@@ -176,44 +192,136 @@ class SparseMoEAttention(SparseMoEModule):
         """As ``nn.MultiheadAttention.forward``; returns (attn_output, attn_weights or None).
 
         query (L, N, C) / key (S, N, kdim) / value (S, N, vdim), or (N, ·, ·) with batch_first,
-        or unbatched (L, C) / (S, ·). key_padding_mask (N, S) (or (S,) unbatched): bool, True =
-        ignore that key, or float, added. attn_mask (L, S) or (N * num_heads, L, S): bool, True
-        = not allowed, or float, added. is_causal: a hint that attn_mask is the causal mask.
+        or unbatched (L, C) / (S, ·), or nested tensors (N, ragged L, ·) (strided or jagged; the
+        lengths are the padding, no masks; the output is nested like query). key_padding_mask
+        (N, S) (or (S,) unbatched): bool, True = ignore that key, or float, added. attn_mask
+        (L, S) or (N * num_heads, L, S): bool, True = not allowed, or float, added. is_causal: a
+        hint that attn_mask is the causal mask.
         token_k: optional per-token k of the query tokens (an int tensor shaped like
         query.shape[:-1], e.g. from modality ids); key_token_k: of the key/value tokens (default:
         token_k when key is query). router_index / key_router_index: with num_routers > 1, each
-        query / key token's router, shaped likewise (key_router_index defaults as key_token_k). attn_output has query's layout and the expert dtype;
-        attn_weights (N, L, S), or (N, num_heads, L, S) unless average_attn_weights.
+        query / key token's router, shaped likewise (key_router_index defaults as key_token_k).
+        attn_output has query's layout and the expert dtype; attn_weights (N, L, S), or
+        (N, num_heads, L, S) unless average_attn_weights.
+
+        Bad arguments raise what nn.MultiheadAttention raises (AssertionError or RuntimeError) as
+        an exception that is also the ValueError / TypeError of sm4 (see ``_mha_compat``).
         """
+        routing = {"token_k": token_k, "key_token_k": key_token_k, "router_index": router_index,
+                   "key_router_index": key_router_index}
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                        average_attn_weights, is_causal, routing)
+        is_batched = self._check_arguments(query, key, value, key_padding_mask, attn_mask, is_causal)
         self_attention = query is key and key is value
-        is_batched = query.dim() == 3
-        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"query, key and value must all be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D, "
-                             f"{key.dim()}-D and {value.dim()}-D")
-        if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
-                               "method `generate_square_subsequent_mask` to create this mask.")
         if key is query:
-            key_token_k = token_k if key_token_k is None else key_token_k
-            key_router_index = router_index if key_router_index is None else key_router_index
+            routing["key_token_k"] = token_k if key_token_k is None else key_token_k
+            routing["key_router_index"] = router_index if key_router_index is None else key_router_index
         # Work batch-first: (N, L, C).
         if not is_batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            token_k = None if token_k is None else token_k.unsqueeze(0)
-            key_token_k = None if key_token_k is None else key_token_k.unsqueeze(0)
-            router_index = None if router_index is None else router_index.unsqueeze(0)
-            key_router_index = None if key_router_index is None else key_router_index.unsqueeze(0)
+            routing = {name: None if t is None else t.unsqueeze(0) for name, t in routing.items()}
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-            token_k = None if token_k is None else token_k.transpose(0, 1)
-            key_token_k = None if key_token_k is None else key_token_k.transpose(0, 1)
-            router_index = None if router_index is None else router_index.transpose(0, 1)
-            key_router_index = None if key_router_index is None else key_router_index.transpose(0, 1)
+            routing = {name: None if t is None else t.transpose(0, 1) for name, t in routing.items()}
+        output, weights = self._attend(query, key, value, self_attention, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal, routing)
+        if not is_batched:
+            output = output.squeeze(0)
+            weights = None if weights is None else weights.squeeze(0)
+        elif not self.batch_first:
+            output = output.transpose(0, 1)
+        return output, weights
+
+    def _check_arguments(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> bool:
+        """torch's checks (F._mha_shape_check, _canonical_mask, multi_head_attention_forward), in its
+        order, with its exception classes; returns whether the input is batched."""
+        if query.dim() not in (2, 3):
+            raise AttentionValueError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D "
+                                      "query tensor")
+        is_batched = query.dim() == 3
+        kind, padding_dims = ("batched (3-D)", 2) if is_batched else ("unbatched (2-D)", 1)
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise AttentionValueError(f"For {kind} `query`, expected `key` and `value` to be {query.dim()}-D but found "
+                                      f"{key.dim()}-D and {value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != padding_dims:
+            raise AttentionValueError(f"For {kind} `query`, expected `key_padding_mask` to be `None` or {padding_dims}-D "
+                                      f"but found {key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise AttentionValueError(f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
+                                      f"{attn_mask.dim()}-D tensor instead")
+        if not is_batched and attn_mask is not None and attn_mask.dim() == 3:
+            expected = (self.num_heads, query.shape[0], key.shape[0])
+            if tuple(attn_mask.shape) != expected:
+                raise AttentionValueError(f"Expected `attn_mask` shape to be {expected} but got {tuple(attn_mask.shape)}")
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise AttentionTypeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
+        if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both "
+                          "instead.", stacklevel=3)
+        if is_causal and attn_mask is None:
+            raise AttentionRuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                                        "module method `generate_square_subsequent_mask` to create this mask.")
+        if query.shape[-1] != self.embed_dim:
+            raise AttentionValueError(f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]} "
+                                      f"(query {tuple(query.shape)})")
+        if self._qkv_same_embed_dim and key.shape != value.shape:
+            raise AttentionValueError(f"key shape {tuple(key.shape)} does not match value shape {tuple(value.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise AttentionValueError(f"key's sequence and batch dims {tuple(key.shape[:-1])} do not match value's "
+                                      f"{tuple(value.shape[:-1])}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise AttentionRuntimeError(f"key and value must have kdim={self.kdim} and vdim={self.vdim} features, got "
+                                        f"key {tuple(key.shape)} and value {tuple(value.shape)}")
+        batch_dim = 0 if self.batch_first or not is_batched else 1
+        if is_batched and query.shape[batch_dim] != key.shape[batch_dim]:
+            raise AttentionRuntimeError(f"query and key must have the same batch size (dim {batch_dim}), got query "
+                                        f"{tuple(query.shape)} and key {tuple(key.shape)}")
+        return is_batched
+
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                        is_causal, routing):
+        """Nested (N, ragged L, C) query, key and value: the padded batch-first input with the
+        lengths as key padding mask; the output nested like query (weights padded, zero past each
+        query's length, as torch's fast path returns them)."""
+        if not (query.is_nested and key.is_nested and value.is_nested):
+            raise AttentionValueError("query, key and value must all be nested tensors, or none of them")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise AttentionValueError("key_padding_mask and attn_mask are not supported with NestedTensor input (as in "
+                                      "nn.MultiheadAttention): the nested lengths are the padding")
+        if any(t is not None for t in routing.values()):
+            raise AttentionValueError("token_k / router_index are not supported with NestedTensor input: pass the "
+                                      "padded tensors with key_padding_mask instead")
+        self_attention = query is key and key is value
+        padded_query, query_lengths = unnest(query, "query")
+        padded_key, key_lengths = (padded_query, query_lengths) if key is query else unnest(key, "key")
+        padded_value, value_lengths = (padded_key, key_lengths) if value is key else unnest(value, "value")
+        if key_lengths != value_lengths:
+            raise AttentionValueError(f"nested key and value must have the same lengths, got {key_lengths} and "
+                                      f"{value_lengths}")
+        if len(query_lengths) != len(key_lengths):
+            raise AttentionRuntimeError(f"query and key must have the same batch size, got {len(query_lengths)} and "
+                                        f"{len(key_lengths)}")
+        for name, padded, width in (("query", padded_query, self.embed_dim), ("key", padded_key, self.kdim),
+                                    ("value", padded_value, self.vdim)):
+            if padded.shape[-1] != width:
+                raise AttentionValueError(f"nested {name} must have {width} features, got {padded.shape[-1]}")
+        padding = padding_mask(key_lengths, padded_key.shape[1], padded_key.device)
+        output, weights = self._attend(padded_query, padded_key, padded_value, self_attention, padding, need_weights,
+                                       None, average_attn_weights, is_causal, routing)
+        if weights is not None:
+            valid_query = ~padding_mask(query_lengths, padded_query.shape[1], weights.device)
+            shape = (weights.shape[0],) + (1,) * (weights.dim() - 3) + (weights.shape[-2], 1)
+            weights = weights * valid_query.view(shape)
+        return renest(output, query_lengths, query), weights
+
+    def _attend(self, query, key, value, self_attention, key_padding_mask, need_weights, attn_mask,
+                average_attn_weights, is_causal, routing):
+        """Batch-first attention: query (N, L, C), key (N, S, kdim), value (N, S, vdim), checked;
+        returns (N, L, C) and the weights (N, [H,] L, S) or None."""
         batch, tgt_len, _ = query.shape
-        src_len = key.shape[1]
-        if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"key and value must have the same batch and sequence sizes, got {tuple(key.shape)} and {tuple(value.shape)}")
 
         device_type = query.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -222,12 +330,13 @@ class SparseMoEAttention(SparseMoEModule):
         # (to expert_dtype), and the ops run with autocast off, so every backend routes in fp32
         # (the reference backend's plain matmuls would otherwise be autocast too).
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            q, k, v, routings = self._project_all(query, key, value, token_k, key_token_k, self_attention, expert_dtype,
-                                                  router_index, key_router_index)
+            q, k, v, routings = self._project_all(query, key, value, routing["token_k"], routing["key_token_k"],
+                                                  self_attention, expert_dtype, routing["router_index"],
+                                                  routing["key_router_index"])
 
         # Masks as additive float masks in q's dtype (bool: True = masked out).
-        attn_mask = _as_additive(attn_mask, "attn_mask", q.dtype)
-        key_padding_mask = _as_additive(key_padding_mask, "key_padding_mask", q.dtype)
+        attn_mask = _as_additive(attn_mask, q.dtype)
+        key_padding_mask = _as_additive(key_padding_mask, q.dtype)
         use_causal_hint = is_causal and key_padding_mask is None and not need_weights
         if use_causal_hint:
             attn_mask = None  # SDPA builds the causal mask itself
@@ -262,15 +371,13 @@ class SparseMoEAttention(SparseMoEModule):
         attended = attended.transpose(1, 2).reshape(batch, tgt_len, self.embed_dim)
         output = self.out_proj(attended)
         self._record(routings)
-
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
-        if not is_batched:
-            output = output.squeeze(0)
-            weights = None if weights is None else weights.squeeze(0)
-        elif not self.batch_first:
-            output = output.transpose(0, 1)
         return output, weights
+
+    # nn.MultiheadAttention's mask merging for its fused path (it reads only num_heads), for code
+    # that calls it on the module in its place.
+    merge_masks = nn.MultiheadAttention.merge_masks
 
     # ---- upcycling ---------------------------------------------------------------------------
 
@@ -308,14 +415,12 @@ class SparseMoEAttention(SparseMoEModule):
         return layer
 
 
-def _as_additive(mask, name, dtype):
-    """A bool (True = masked) or float mask as an additive float mask in ``dtype``; None stays None."""
+def _as_additive(mask, dtype):
+    """A bool (True = masked) or float mask (checked before) as an additive float mask in ``dtype``."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    if not mask.is_floating_point():
-        raise TypeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
     return mask.to(dtype)
 
 
@@ -325,18 +430,18 @@ def _merge_masks(attn_mask, key_padding_mask, batch, num_heads, tgt_len, src_len
     if attn_mask is not None:
         if attn_mask.dim() == 2:
             if attn_mask.shape != (tgt_len, src_len):
-                raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}.")
+                raise AttentionRuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}.")
             merged = attn_mask.view(1, 1, tgt_len, src_len)
         elif attn_mask.dim() == 3:
             if attn_mask.shape != (batch * num_heads, tgt_len, src_len):
-                raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                raise AttentionRuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
                                    f"{(batch * num_heads, tgt_len, src_len)}.")
             merged = attn_mask.view(batch, num_heads, tgt_len, src_len)
         else:
-            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+            raise AttentionRuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, src_len):
-            raise RuntimeError(f"expecting key_padding_mask shape of {(batch, src_len)}, but got {tuple(key_padding_mask.shape)}")
+            raise AttentionValueError(f"expecting key_padding_mask shape of {(batch, src_len)}, but got {tuple(key_padding_mask.shape)}")
         padding = key_padding_mask.view(batch, 1, 1, src_len)
         merged = padding if merged is None else merged + padding
     return merged

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import SparseMoEModule
+from ._mha_compat import jit_script_refusal
 from .ffn import ACTIVATIONS, SparseMoEFFN
 
 
@@ -181,6 +182,9 @@ class SM4EncoderLayer(nn.Module):
             return self.dropout2(self.ffn(x, **routing))
         x = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.dropout2(x)
+
+    def __prepare_scriptable__(self):
+        raise jit_script_refusal(self)
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
