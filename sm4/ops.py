@@ -30,7 +30,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import dispatch
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Checker
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, Checker, check_metadata_values, check_offsets_values, reads_values,
+                      trust_metadata)
 from .types import MoEOutput, RoutingMetadata, RoutingResult
 
 __all__ = [
@@ -120,7 +121,7 @@ def topk_gating(
 def _check_expert_ids(c: Checker, expert_ids, num_experts):
     c.tensor("expert_ids", expert_ids, "(T, k_max)", INDEX_DTYPES)
     c.integer("num_experts", num_experts, 1)
-    if expert_ids.device.type == "cpu" and not torch.compiler.is_compiling() and expert_ids.numel():
+    if reads_values(expert_ids) and expert_ids.numel():
         low, high = int(expert_ids.min()), int(expert_ids.max())
         if low < -1 or high >= num_experts:
             c.fail(ValueError, f"expert_ids must lie in [-1, num_experts={num_experts}), got values in [{low}, {high}]")
@@ -167,18 +168,31 @@ def routing_metadata(
     _check_expert_ids(c, expert_ids, num_experts)
     c.per_token_k(token_k, expert_ids.shape[1])
     _, impl = dispatch.select("routing_metadata", (expert_ids,), backend, {"E": num_experts})
-    return impl(_mask_ranks(expert_ids, token_k), num_experts)
+    metadata = impl(_mask_ranks(expert_ids, token_k), num_experts)
+    trust_metadata(metadata)  # right by construction: the ops that take it need not check it again
+    return metadata
+
+
+def _check_expert_offsets(c: Checker, name: str, offsets):
+    """(E + 1,) int64 with E >= 1 (shape and dtype; the values are checked by the caller)."""
+    c.tensor(name, offsets, "(E + 1,)", (torch.int64,))
+    if offsets.shape[0] < 2:
+        c.fail(ValueError, f"{name} must have E + 1 >= 2 entries (at least one expert), got shape {tuple(offsets.shape)}")
 
 
 def _check_metadata(c: Checker, metadata):
+    """Every field's shape and dtype (the values are checked last, by _check_metadata_values)."""
     if not isinstance(metadata, RoutingMetadata):
         c.fail(TypeError, f"metadata must be the RoutingMetadata of sm4.ops.routing_metadata, got {type(metadata).__name__}")
-    c.tensor("metadata.expert_offsets", metadata.expert_offsets, "(E + 1,)", (torch.int64,))
+    _check_expert_offsets(c, "metadata.expert_offsets", metadata.expert_offsets)
+    c.tensor("metadata.expert_counts", metadata.expert_counts, "(E,)", (torch.int64,))
+    c.tensor("metadata.sorted_assignment", metadata.sorted_assignment, "(N,)", (torch.int64,))
     c.tensor("metadata.sorted_token", metadata.sorted_token, "(N,)", (torch.int64,))
     c.tensor("metadata.assignment_row", metadata.assignment_row, "(T, k_max)", (torch.int64,))
     rows, (tokens, k_max) = metadata.sorted_token.shape[0], metadata.assignment_row.shape
     if rows != tokens * k_max:
-        c.fail(ValueError, f"metadata has {rows} rows but assignment_row is {tokens} x {k_max}: not from one routing_metadata call")
+        c.fail(ValueError, f"metadata has N = {rows} rows (metadata.sorted_token) but metadata.assignment_row is "
+                           f"{tokens} x {k_max}: expected N = T * k_max = {tokens * k_max} (not from one routing_metadata call)")
 
 
 def permute(x: torch.Tensor, metadata: RoutingMetadata, *, backend: str | None = None) -> torch.Tensor:
@@ -190,6 +204,7 @@ def permute(x: torch.Tensor, metadata: RoutingMetadata, *, backend: str | None =
     c = Checker("sm4.ops.permute")
     _check_metadata(c, metadata)
     c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("permute", (x, metadata.sorted_token), backend)
     return impl(x, metadata)
 
@@ -206,13 +221,14 @@ def unpermute(
     _check_metadata(c, metadata)
     c.tensor("y_sorted", y_sorted, "(N, d)", FLOAT_DTYPES)
     c.tensor("gates", gates, "(T, k_max)", FLOAT_DTYPES)
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("unpermute", (y_sorted, gates), backend)
     return impl(y_sorted, gates, metadata)
 
 
 def _check_grouped(c: Checker, x_sorted, expert_offsets, layers):
     c.tensor("x_sorted", x_sorted, "(N, in)", FLOAT_DTYPES)
-    c.tensor("expert_offsets", expert_offsets, "(E + 1,)", (torch.int64,))
+    _check_expert_offsets(c, "expert_offsets", expert_offsets)
     for weight_name, weight, weight_shape, bias_name, bias, bias_shape in layers:
         c.tensor(weight_name, weight, weight_shape, FLOAT_DTYPES)
         c.tensor(bias_name, bias, bias_shape, FLOAT_DTYPES, optional=True)
@@ -233,6 +249,7 @@ def grouped_linear(
     """
     c = Checker("sm4.ops.grouped_linear")
     _check_grouped(c, x_sorted, expert_offsets, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
+    check_offsets_values(c, "expert_offsets", expert_offsets, x_sorted.shape[0], "N (the rows of x_sorted)")
     _, impl = dispatch.select("grouped_linear", (x_sorted, weight, bias, expert_offsets), backend)
     return impl(x_sorted, weight, bias, expert_offsets)
 
@@ -263,6 +280,7 @@ def grouped_ffn(
     )
     c.choice("activation", activation, ACTIVATIONS)
     c.flag("recompute_hidden", recompute_hidden)
+    check_offsets_values(c, "expert_offsets", expert_offsets, x_sorted.shape[0], "N (the rows of x_sorted)")
     _, impl = dispatch.select("grouped_ffn", (x_sorted, w1, b1, w2, b2, expert_offsets), backend)
     return impl(x_sorted, w1, b1, w2, b2, expert_offsets, activation, recompute_hidden)
 
@@ -299,6 +317,7 @@ def expert_linear(
     """
     c = Checker("sm4.ops.expert_linear")
     _check_expert_inputs(c, x, gates, metadata, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("expert_linear", (x, weight, bias, gates, metadata.sorted_token), backend)
     return impl(x, weight, bias, gates, metadata)
 
@@ -328,6 +347,7 @@ def expert_ffn(
     )
     c.choice("activation", activation, ACTIVATIONS)
     c.flag("recompute_hidden", recompute_hidden)
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("expert_ffn", (x, w1, b1, w2, b2, gates, metadata.sorted_token), backend)
     return impl(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden)
 

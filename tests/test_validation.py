@@ -63,9 +63,11 @@ def test_permute_and_unpermute_bad_arguments():
     raises(ValueError, r"x .* gives T = 5, but metadata.assignment_row .* gives T = 4", ops.permute, torch.randn(5, 3), m)
     raises(TypeError, r"metadata must be the RoutingMetadata", ops.permute, x, tuple(m))
     raises(ValueError, r"gates .* gives k_max = 3, but metadata.assignment_row .* gives k_max = 2", ops.unpermute, torch.randn(8, 3), torch.randn(4, 3), m)
-    raises(ValueError, r"y_sorted .* gives N = 7, but metadata.sorted_token .* gives N = 8", ops.unpermute, torch.randn(7, 3), r.gates, m)
+    raises(ValueError, r"y_sorted .* gives N = 7, but metadata.sorted_assignment .* gives N = 8", ops.unpermute, torch.randn(7, 3), r.gates, m)
     mixed = m._replace(sorted_token=m.sorted_token[:6])
-    raises(ValueError, r"not from one routing_metadata call", ops.permute, x, mixed)
+    raises(ValueError, r"metadata.sorted_token .* gives N = 6, but metadata.sorted_assignment .* gives N = 8", ops.permute, x, mixed)
+    short = m._replace(sorted_token=m.sorted_token[:6], sorted_assignment=m.sorted_assignment[:6])
+    raises(ValueError, r"not from one routing_metadata call", ops.permute, x, short)
 
 
 def test_grouped_and_composite_bad_arguments():
