@@ -22,7 +22,8 @@ k is the maximum number of experts per token (a Python int, 1 <= k <= E); a per-
 ``token_k``, a (T,) int tensor with 1 <= k_t <= k, accepted by every op that takes k. Routing
 semantics are SM4_SPEC §2 (see ``sm4.reference`` for the exact definitions).
 
-Float dtypes: fp16, bf16, fp32 on every backend, fp64 on the reference (for gradcheck).
+Float dtypes: fp16, bf16, fp32 on every backend, fp64 on the reference and cpu backends; mixed
+router/x and rows/weight dtypes are accepted (README, "Dtypes accepted").
 Accumulation is in float32 (float64 for float64 inputs).
 """
 
@@ -111,7 +112,7 @@ def topk_gating(
     c = Checker("sm4.ops.topk_gating")
     _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
     sizes = {"T": x.shape[0], "d": x.shape[1], "E": router_weight.shape[1], "k": k}
-    _, impl = dispatch.select("topk_gating", (x, router_weight, noise), backend, sizes)
+    _, impl = dispatch.select("topk_gating", {"x": x, "router_weight": router_weight, "noise": noise}, backend, sizes)
     return impl(
         x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise,
