@@ -379,6 +379,14 @@ def router_input_for(x: torch.Tensor, router_index: torch.Tensor, num_routers: i
     (num_routers * d, E), token t's logits are x[t] @ W[router_index[t]]: per-modality or
     per-task routers over one shared set of experts, in one gating call. Differentiable in x.
     """
+    c = Checker("sm4.ops.router_input_for")
+    c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    c.tensor("router_index", router_index, "(T,)", INDEX_DTYPES)
+    c.integer("num_routers", num_routers, 1)
+    if reads_values(router_index) and router_index.numel():
+        low, high = int(router_index.min()), int(router_index.max())
+        if low < 0 or high >= num_routers:
+            c.fail(ValueError, f"router_index values must lie in [0, num_routers={num_routers}), got values in [{low}, {high}]")
     tokens, dim = x.shape
     index = router_index.reshape(tokens, 1, 1).expand(tokens, 1, dim).long()
     return x.new_zeros(tokens, num_routers, dim).scatter(1, index, x.unsqueeze(1)).view(tokens, num_routers * dim)
@@ -416,6 +424,7 @@ def moe_linear(
                                      generator, noise)
     c.tensor("weight", weight, "(E, d, out)", FLOAT_DTYPES)
     c.tensor("bias", bias, "(E, out)", FLOAT_DTYPES, optional=True)
+    c.flag("fused", fused)
     routing = topk_gating(
         gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
@@ -460,8 +469,12 @@ def moe_ffn(
     gating_x = _checked_gating_input(c, x, router_input, router_weight, k, token_k, noise_std, training, renormalize,
                                      generator, noise)
     c.tensor("w1", w1, "(E, d, h)", FLOAT_DTYPES)
+    c.tensor("b1", b1, "(E, h)", FLOAT_DTYPES, optional=True)
     c.tensor("w2", w2, "(E, h, out)", FLOAT_DTYPES)
+    c.tensor("b2", b2, "(E, out)", FLOAT_DTYPES, optional=True)
     c.choice("activation", activation, ACTIVATIONS)
+    c.flag("recompute_hidden", recompute_hidden)
+    c.flag("fused", fused)
     routing = topk_gating(
         gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
@@ -507,12 +520,13 @@ def moe_qkv(
     c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
     _check_router_input(c, x, router_input)
     if not isinstance(routers, (tuple, list)) or len(routers) != 3:
-        c.fail(TypeError, "routers must be a triple (q, k, v) of (d, E) router weights")
+        c.fail(TypeError, f"routers must be a triple (q, k, v) of (d, E) router weights, got {type(routers).__name__}")
     router_dim = "d" if router_input is None else "d_r"
     for name, router in zip("qkv", routers):
         c.tensor(f"routers ({name})", router, f"({router_dim}, E)", FLOAT_DTYPES)
     c.tensor("weights", weights, "(3, E, d, C)", FLOAT_DTYPES)
     c.tensor("biases", biases, "(3, E, C)", FLOAT_DTYPES, optional=True)
+    c.flag("fused", fused)
     if weights.shape[0] != 3:
         c.fail(ValueError, f"weights must stack the q, k, v experts on dim 0 (3, E, d, C), got {tuple(weights.shape)}")
     num_experts = weights.shape[1]
@@ -572,6 +586,9 @@ def moe_attention(
     Returns (output (B, L, C), (routing_q, routing_k, routing_v)).
     """
     c = Checker("sm4.ops.moe_attention")
+    for name, triple in (("routers", routers), ("expert_weights", expert_weights), ("expert_biases", expert_biases)):
+        if not isinstance(triple, (tuple, list)) or len(triple) != 3:
+            c.fail(TypeError, f"{name} must be a triple (q, k, v), got {type(triple).__name__}")
     c.tensor("query", query, "(B, L, d_q)", FLOAT_DTYPES)
     c.tensor("key", key, "(B, S, d_k)", FLOAT_DTYPES)
     c.tensor("value", value, "(B, S, d_v)", FLOAT_DTYPES)
@@ -586,7 +603,17 @@ def moe_attention(
     if channels % num_heads:
         c.fail(ValueError, f"the expert output width C = {channels} must be divisible by num_heads = {num_heads}")
     if token_k is not None and (not isinstance(token_k, (tuple, list)) or len(token_k) != 3):
-        c.fail(TypeError, "token_k must be None or a triple (q, k, v) of per-token k tensors (or None each)")
+        c.fail(TypeError, f"token_k must be None or a triple (q, k, v) of per-token k tensors (or None each), "
+                          f"got {type(token_k).__name__}")
+    for i, (tokens, shape) in enumerate(((query, "(B, L)"), (key, "(B, S)"), (value, "(B, S)"))):
+        tk = None if token_k is None else token_k[i]
+        if tk is not None:
+            if not isinstance(tk, torch.Tensor) or tk.dtype not in INDEX_DTYPES:
+                c.fail(TypeError, f"token_k[{i}] must be None or an int32/int64 tensor of shape {shape}, got "
+                                  f"{getattr(tk, 'dtype', type(tk).__name__)}")
+            if tk.shape != tokens.shape[:2]:
+                c.fail(ValueError, f"token_k[{i}] must have shape {shape} = {tuple(tokens.shape[:2])}, got {tuple(tk.shape)}")
+    c.flag("is_causal", is_causal)
 
     heads = []
     routings = []
