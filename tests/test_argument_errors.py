@@ -120,3 +120,37 @@ def test_every_argument_of_every_op_is_listed():
 
 # Arguments whose every value is valid or that another row already covers through the same check.
 EXEMPT = {"backend", "attn_mask"}  # backend: topk_gating's row; attn_mask: torch's SDPA checks it
+
+
+MODULE_BAD = [  # (constructor keyword, bad value, exception class) for SparseMoEFFN and SM4EncoderLayer
+    ("d_model", 0, ValueError), ("d_model", "64", TypeError), ("num_experts", 0, ValueError),
+    ("num_experts", 2.0, TypeError), ("top_k", 9, ValueError), ("top_k", None, TypeError),
+    ("noise_std", -1.0, ValueError), ("balance_loss_weight", -1.0, ValueError), ("num_routers", 0, ValueError),
+    ("backend", "gpu", ValueError), ("activation", "swish", ValueError),
+]
+
+
+@pytest.mark.parametrize("argument,value,error", MODULE_BAD, ids=[f"{a}-{v!r}" for a, v, _ in MODULE_BAD])
+@pytest.mark.parametrize("module", ["SparseMoEFFN", "SM4EncoderLayer"])
+def test_module_constructor_bad_argument_names_itself(module, argument, value, error):
+    import sm4
+
+    good = dict(d_model=8, num_experts=4, top_k=2)
+    good.update({"dim_feedforward": 16} if module == "SparseMoEFFN" else {"nhead": 2, "dim_feedforward": 16})
+    with pytest.raises(error, match=argument):
+        getattr(sm4, module)(**{**good, argument: value})
+
+
+@pytest.mark.parametrize("argument,value,error", [
+    ("x", torch.randn(3, 5), ValueError), ("token_k", torch.ones(4, dtype=torch.int64), ValueError),
+    ("token_k", torch.ones(3), TypeError), ("router_index", torch.zeros(3, dtype=torch.int64), ValueError),
+])
+def test_sparse_ffn_forward_bad_argument_names_itself(argument, value, error):
+    import sm4
+
+    layer = sm4.SparseMoEFFN(8, 16, num_experts=4, top_k=2, num_routers=2)
+    kwargs = {"x": torch.randn(3, 8), "router_index": torch.zeros(3, dtype=torch.int64), argument: value}
+    if argument == "router_index":
+        kwargs["router_index"] = torch.full((3,), 5)
+    with pytest.raises(error, match=argument):
+        layer(kwargs.pop("x"), **kwargs)
