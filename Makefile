@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.13.0
 # Supported: triton >= 3.6 (the GPU machines have 3.6). A fresh environment gets the version
 # this package is tested with here.
 TRITON_PIN ?= triton==3.9.0
-TOOLS := setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark
+TOOLS := setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark hypothesis==6.155.2
 # data tools: scikit-learn and mnist1d regenerate the bundled benchmark (its .npz ships with the
 # package); h5py reads MultiBench's PUSH and V&T files
 DATA_TOOLS := scikit-learn==1.9.1 mnist1d==0.0.2.post1 h5py==3.14.0

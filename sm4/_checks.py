@@ -7,13 +7,21 @@ arguments of one call, so a mismatch is reported with where the expected size ca
     >>> c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
     >>> c.tensor("router_weight", w, "(d, E)", FLOAT_DTYPES)   # checks d against x
 
-Value checks that need to read tensor data (e.g. token_k's range) run on CPU tensors only, and
-not while torch.compile traces: on a GPU they would be a host sync. The kernels clamp such values
-into range instead, so memory is never touched out of bounds.
+Value checks that need to read tensor data (token_k's range, expert ids, expert offsets, a
+hand-built ``RoutingMetadata``) run on CPU tensors only (``reads_values``), and not while
+torch.compile traces: on a GPU they would be a host sync. On a GPU the kernels mask such values
+instead (an out-of-range row is dropped or reads zeros), so memory is never touched out of
+bounds; the CPU kernels also check their indices themselves (a ValueError, never a crash).
+
+The CPU value checks are one vectorised numpy pass over the tensors' memory (``Tensor.numpy()``
+is a view: no copy), O(N). Metadata that ``sm4.ops.routing_metadata`` returned and nobody has
+modified since is not checked again (``trust_metadata``), so the MoE composites pay nothing.
 """
 
 import re
+import weakref
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -136,7 +144,7 @@ class Checker:
         if token_k is None:
             return
         self.tensor("token_k", token_k, "(T,)", INDEX_DTYPES)
-        if token_k.device.type == "cpu" and not torch.compiler.is_compiling() and token_k.numel():
+        if reads_values(token_k) and token_k.numel():
             low, high = int(token_k.min()), int(token_k.max())
             if low < 1 or high > k:
                 self.fail(ValueError, f"token_k values must lie in [1, k={k}], got values in [{low}, {high}]")
@@ -148,3 +156,119 @@ class Checker:
             self.fail(TypeError, f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != device.type:
             self.fail(ValueError, f"generator is on {generator.device} but the inputs are on {device}")
+
+
+def reads_values(tensor: torch.Tensor) -> bool:
+    """Whether value checks read ``tensor``: a CPU tensor, in eager mode (no host sync, no trace)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+# ---- RoutingMetadata that sm4 made: checked once, when it was made ----------------------------
+# A RoutingMetadata is an immutable tuple of mutable tensors. What routing_metadata returned is
+# right by construction; the mark below remembers that, on the assignment_row tensor, as weak
+# references to the five tensors and their version counters (bumped by every in-place write). A
+# tuple rebuilt from other tensors (``_replace``), or one whose tensors were written in place, is
+# no longer marked and gets the full check. Inference tensors have no version counter: for them
+# the mark holds the tensors only. (A write that bypasses the version counter, e.g. through
+# ``.numpy()`` or in inference mode, is not seen: the CPU kernels' own index checks and torch's
+# indexing on the reference path still keep memory safe, and GPU kernels mask.)
+_MARK = "_sm4_metadata_mark"
+
+
+def _versions(metadata) -> tuple | None:
+    a, b, c, d, e = metadata
+    return None if e.is_inference() else (a._version, b._version, c._version, d._version, e._version)
+
+
+def trust_metadata(metadata) -> None:
+    """Mark metadata made by sm4 as valid (eager mode only: a no-op while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return
+    metadata.assignment_row.__dict__[_MARK] = (tuple(weakref.ref(t) for t in metadata), _versions(metadata))
+
+
+def _trusted(metadata) -> bool:
+    mark = metadata.assignment_row.__dict__.get(_MARK)
+    if mark is None:
+        return False
+    (ra, rb, rc, rd, re_), versions = mark
+    a, b, c, d, e = metadata
+    return ra() is a and rb() is b and rc() is c and rd() is d and re_() is e and versions == _versions(metadata)
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def check_offsets_values(c: "Checker", name: str, offsets: torch.Tensor, rows: int, rows_name: str) -> None:
+    """offsets (E + 1,) int64 (shape already checked): start at 0, non-decreasing, end <= rows.
+
+    A ValueError naming ``name`` and the bad entries; CPU tensors only (see ``reads_values``).
+    """
+    if not reads_values(offsets):
+        return
+    o = offsets.numpy()
+    if o[0] != 0:
+        c.fail(ValueError, f"{name} must start at 0, got {name}[0] = {int(o[0])}")
+    steps = np.diff(o)
+    if steps.size and steps.min() < 0:
+        e = _first(steps < 0)
+        c.fail(ValueError, f"{name} must be non-decreasing, got {name}[{e}] = {int(o[e])} > {name}[{e + 1}] = {int(o[e + 1])}")
+    if o[-1] > rows:
+        c.fail(ValueError, f"{name}[-1] = {int(o[-1])} (the rows in use) must be <= {rows_name} = {rows}")
+
+
+def check_metadata_values(c: "Checker", metadata) -> None:
+    """The values of a RoutingMetadata (shapes and dtypes already checked), in one O(N) pass.
+
+    What must hold is what routing_metadata makes (see sm4.types.RoutingMetadata), A being
+    expert_offsets[-1]: offsets valid for N rows; expert_counts their differences;
+    sorted_assignment in [0, N) and sorted_token = sorted_assignment // k_max; assignment_row in
+    [-1, A) with A active entries, row i < A holding the assignment whose assignment_row is i,
+    and the padding rows i >= A holding inactive ones. Anything else is a ValueError naming the
+    field and the first bad value. CPU tensors only; metadata from routing_metadata is trusted.
+    """
+    if torch.compiler.is_compiling() or _trusted(metadata) or metadata.assignment_row.device.type != "cpu":
+        return
+    rows = metadata.sorted_assignment.shape[0]
+    k_max = metadata.assignment_row.shape[1]
+    check_offsets_values(c, "metadata.expert_offsets", metadata.expert_offsets, rows, "N (the rows of metadata.sorted_token)")
+    offsets = metadata.expert_offsets.numpy()
+    counts = metadata.expert_counts.numpy()
+    steps = np.diff(offsets)
+    if not np.array_equal(counts, steps):
+        e = _first(counts != steps)
+        c.fail(ValueError, f"metadata.expert_counts[{e}] = {int(counts[e])}, but metadata.expert_offsets gives "
+                           f"{int(steps[e])} rows to expert {e}")
+    if rows == 0:
+        return
+    active = int(offsets[-1])
+    order = metadata.sorted_assignment.numpy()
+    if order.min() < 0 or order.max() >= rows:
+        i = _first((order < 0) | (order >= rows))
+        c.fail(ValueError, f"metadata.sorted_assignment values must lie in [0, N = {rows}), got "
+                           f"metadata.sorted_assignment[{i}] = {int(order[i])}")
+    token = metadata.sorted_token.numpy()
+    owner = order // k_max
+    if not np.array_equal(token, owner):
+        i = _first(token != owner)
+        c.fail(ValueError, f"metadata.sorted_token[{i}] = {int(token[i])}, but metadata.sorted_assignment[{i}] = "
+                           f"{int(order[i])} is an assignment of token {int(owner[i])} (k_max = {k_max})")
+    row_of = metadata.assignment_row.numpy().reshape(-1)
+    if row_of.min() < -1 or row_of.max() >= active:
+        i = _first((row_of < -1) | (row_of >= active))
+        c.fail(ValueError, f"metadata.assignment_row values must lie in [-1, metadata.expert_offsets[-1] = {active}), "
+                           f"got metadata.assignment_row[{i // k_max}, {i % k_max}] = {int(row_of[i])}")
+    expected = np.arange(rows)
+    expected[active:] = -1
+    seen = row_of[order]
+    if not np.array_equal(seen, expected):
+        i = _first(seen != expected)
+        a = int(order[i])
+        what = f"row {i} < {active}" if i < active else f"padding row {i} (>= metadata.expert_offsets[-1] = {active})"
+        c.fail(ValueError, f"metadata.sorted_assignment[{i}] = {a}: {what} holds assignment ({a // k_max}, {a % k_max}), "
+                           f"but metadata.assignment_row[{a // k_max}, {a % k_max}] = {int(seen[i])}")
+    in_use = int((row_of >= 0).sum())
+    if in_use != active:
+        c.fail(ValueError, f"metadata.assignment_row has {in_use} active entries (>= 0), but "
+                           f"metadata.expert_offsets[-1] = {active}")

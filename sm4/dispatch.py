@@ -54,18 +54,28 @@ def requested_backend(argument: str | None) -> tuple[str, str]:
     return "auto", "auto"
 
 
+def _named_dtypes(backend, named: dict) -> list[str]:
+    """Which arguments have a float dtype the backend refuses, e.g. ["noise is torch.float64"]."""
+    return [f"{arg} is {t.dtype}" for arg, t in named.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in backend.dtypes]
+
+
 def select(
-    op: str, tensors: Iterable[torch.Tensor], backend: str | None = None, sizes: dict[str, int] | None = None
+    op: str, tensors: Iterable[torch.Tensor] | dict, backend: str | None = None, sizes: dict[str, int] | None = None
 ) -> tuple[str, Callable]:
     """Return (backend name, implementation) for one call of ``op`` on ``tensors``.
 
-    sizes: the call's sizes by name (e.g. {"E": 64}) for the backends' size limits.
+    tensors: the call's tensors, or {argument name: tensor}, so that a refusal names the argument
+    whose dtype the backend refuses. sizes: the call's sizes by name (e.g. {"E": 64}) for the
+    backends' size limits.
     """
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    named = tensors if isinstance(tensors, dict) else {}
+    tensors = [t for t in (tensors.values() if named else tensors) if isinstance(t, torch.Tensor)]
     name, source = requested_backend(backend)
     if name != "auto":
         reasons = BACKENDS[name].not_supported_reasons(op, tensors, forced=True, sizes=sizes)
         if reasons:
+            reasons += _named_dtypes(BACKENDS[name], named)
             raise BackendNotSupportedError(
                 f"sm4.ops.{op}: backend {name!r} (forced by {source}) cannot run this call: "
                 + "; ".join(reasons)
@@ -76,7 +86,7 @@ def select(
         reasons = candidate.not_supported_reasons(op, tensors, forced=False, sizes=sizes)
         if not reasons:
             return candidate.name, candidate.kernels[op]
-        refusals.append(f"  {candidate.name}: " + "; ".join(reasons))
+        refusals.append(f"  {candidate.name}: " + "; ".join(reasons + _named_dtypes(candidate, named)))
     raise BackendNotSupportedError(f"sm4.ops.{op}: no backend can run this call:\n" + "\n".join(refusals))
 
 

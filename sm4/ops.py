@@ -22,7 +22,8 @@ k is the maximum number of experts per token (a Python int, 1 <= k <= E); a per-
 ``token_k``, a (T,) int tensor with 1 <= k_t <= k, accepted by every op that takes k. Routing
 semantics are SM4_SPEC §2 (see ``sm4.reference`` for the exact definitions).
 
-Float dtypes: fp16, bf16, fp32 on every backend, fp64 on the reference (for gradcheck).
+Float dtypes: fp16, bf16, fp32 on every backend, fp64 on the reference and cpu backends; mixed
+router/x and rows/weight dtypes are accepted (README, "Dtypes accepted").
 Accumulation is in float32 (float64 for float64 inputs).
 """
 
@@ -30,7 +31,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import dispatch
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Checker
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, Checker, check_metadata_values, check_offsets_values, reads_values,
+                      trust_metadata)
 from .types import MoEOutput, RoutingMetadata, RoutingResult
 
 __all__ = [
@@ -110,7 +112,7 @@ def topk_gating(
     c = Checker("sm4.ops.topk_gating")
     _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
     sizes = {"T": x.shape[0], "d": x.shape[1], "E": router_weight.shape[1], "k": k}
-    _, impl = dispatch.select("topk_gating", (x, router_weight, noise), backend, sizes)
+    _, impl = dispatch.select("topk_gating", {"x": x, "router_weight": router_weight, "noise": noise}, backend, sizes)
     return impl(
         x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise,
@@ -120,7 +122,7 @@ def topk_gating(
 def _check_expert_ids(c: Checker, expert_ids, num_experts):
     c.tensor("expert_ids", expert_ids, "(T, k_max)", INDEX_DTYPES)
     c.integer("num_experts", num_experts, 1)
-    if expert_ids.device.type == "cpu" and not torch.compiler.is_compiling() and expert_ids.numel():
+    if reads_values(expert_ids) and expert_ids.numel():
         low, high = int(expert_ids.min()), int(expert_ids.max())
         if low < -1 or high >= num_experts:
             c.fail(ValueError, f"expert_ids must lie in [-1, num_experts={num_experts}), got values in [{low}, {high}]")
@@ -167,18 +169,31 @@ def routing_metadata(
     _check_expert_ids(c, expert_ids, num_experts)
     c.per_token_k(token_k, expert_ids.shape[1])
     _, impl = dispatch.select("routing_metadata", (expert_ids,), backend, {"E": num_experts})
-    return impl(_mask_ranks(expert_ids, token_k), num_experts)
+    metadata = impl(_mask_ranks(expert_ids, token_k), num_experts)
+    trust_metadata(metadata)  # right by construction: the ops that take it need not check it again
+    return metadata
+
+
+def _check_expert_offsets(c: Checker, name: str, offsets):
+    """(E + 1,) int64 with E >= 1 (shape and dtype; the values are checked by the caller)."""
+    c.tensor(name, offsets, "(E + 1,)", (torch.int64,))
+    if offsets.shape[0] < 2:
+        c.fail(ValueError, f"{name} must have E + 1 >= 2 entries (at least one expert), got shape {tuple(offsets.shape)}")
 
 
 def _check_metadata(c: Checker, metadata):
+    """Every field's shape and dtype (the values are checked last, by _check_metadata_values)."""
     if not isinstance(metadata, RoutingMetadata):
         c.fail(TypeError, f"metadata must be the RoutingMetadata of sm4.ops.routing_metadata, got {type(metadata).__name__}")
-    c.tensor("metadata.expert_offsets", metadata.expert_offsets, "(E + 1,)", (torch.int64,))
+    _check_expert_offsets(c, "metadata.expert_offsets", metadata.expert_offsets)
+    c.tensor("metadata.expert_counts", metadata.expert_counts, "(E,)", (torch.int64,))
+    c.tensor("metadata.sorted_assignment", metadata.sorted_assignment, "(N,)", (torch.int64,))
     c.tensor("metadata.sorted_token", metadata.sorted_token, "(N,)", (torch.int64,))
     c.tensor("metadata.assignment_row", metadata.assignment_row, "(T, k_max)", (torch.int64,))
     rows, (tokens, k_max) = metadata.sorted_token.shape[0], metadata.assignment_row.shape
     if rows != tokens * k_max:
-        c.fail(ValueError, f"metadata has {rows} rows but assignment_row is {tokens} x {k_max}: not from one routing_metadata call")
+        c.fail(ValueError, f"metadata has N = {rows} rows (metadata.sorted_token) but metadata.assignment_row is "
+                           f"{tokens} x {k_max}: expected N = T * k_max = {tokens * k_max} (not from one routing_metadata call)")
 
 
 def permute(x: torch.Tensor, metadata: RoutingMetadata, *, backend: str | None = None) -> torch.Tensor:
@@ -190,6 +205,7 @@ def permute(x: torch.Tensor, metadata: RoutingMetadata, *, backend: str | None =
     c = Checker("sm4.ops.permute")
     _check_metadata(c, metadata)
     c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("permute", (x, metadata.sorted_token), backend)
     return impl(x, metadata)
 
@@ -206,13 +222,14 @@ def unpermute(
     _check_metadata(c, metadata)
     c.tensor("y_sorted", y_sorted, "(N, d)", FLOAT_DTYPES)
     c.tensor("gates", gates, "(T, k_max)", FLOAT_DTYPES)
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("unpermute", (y_sorted, gates), backend)
     return impl(y_sorted, gates, metadata)
 
 
 def _check_grouped(c: Checker, x_sorted, expert_offsets, layers):
     c.tensor("x_sorted", x_sorted, "(N, in)", FLOAT_DTYPES)
-    c.tensor("expert_offsets", expert_offsets, "(E + 1,)", (torch.int64,))
+    _check_expert_offsets(c, "expert_offsets", expert_offsets)
     for weight_name, weight, weight_shape, bias_name, bias, bias_shape in layers:
         c.tensor(weight_name, weight, weight_shape, FLOAT_DTYPES)
         c.tensor(bias_name, bias, bias_shape, FLOAT_DTYPES, optional=True)
@@ -233,6 +250,7 @@ def grouped_linear(
     """
     c = Checker("sm4.ops.grouped_linear")
     _check_grouped(c, x_sorted, expert_offsets, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
+    check_offsets_values(c, "expert_offsets", expert_offsets, x_sorted.shape[0], "N (the rows of x_sorted)")
     _, impl = dispatch.select("grouped_linear", (x_sorted, weight, bias, expert_offsets), backend)
     return impl(x_sorted, weight, bias, expert_offsets)
 
@@ -263,6 +281,7 @@ def grouped_ffn(
     )
     c.choice("activation", activation, ACTIVATIONS)
     c.flag("recompute_hidden", recompute_hidden)
+    check_offsets_values(c, "expert_offsets", expert_offsets, x_sorted.shape[0], "N (the rows of x_sorted)")
     _, impl = dispatch.select("grouped_ffn", (x_sorted, w1, b1, w2, b2, expert_offsets), backend)
     return impl(x_sorted, w1, b1, w2, b2, expert_offsets, activation, recompute_hidden)
 
@@ -299,6 +318,7 @@ def expert_linear(
     """
     c = Checker("sm4.ops.expert_linear")
     _check_expert_inputs(c, x, gates, metadata, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("expert_linear", (x, weight, bias, gates, metadata.sorted_token), backend)
     return impl(x, weight, bias, gates, metadata)
 
@@ -328,6 +348,7 @@ def expert_ffn(
     )
     c.choice("activation", activation, ACTIVATIONS)
     c.flag("recompute_hidden", recompute_hidden)
+    check_metadata_values(c, metadata)
     _, impl = dispatch.select("expert_ffn", (x, w1, b1, w2, b2, gates, metadata.sorted_token), backend)
     return impl(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden)
 
@@ -358,6 +379,14 @@ def router_input_for(x: torch.Tensor, router_index: torch.Tensor, num_routers: i
     (num_routers * d, E), token t's logits are x[t] @ W[router_index[t]]: per-modality or
     per-task routers over one shared set of experts, in one gating call. Differentiable in x.
     """
+    c = Checker("sm4.ops.router_input_for")
+    c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
+    c.tensor("router_index", router_index, "(T,)", INDEX_DTYPES)
+    c.integer("num_routers", num_routers, 1)
+    if reads_values(router_index) and router_index.numel():
+        low, high = int(router_index.min()), int(router_index.max())
+        if low < 0 or high >= num_routers:
+            c.fail(ValueError, f"router_index values must lie in [0, num_routers={num_routers}), got values in [{low}, {high}]")
     tokens, dim = x.shape
     index = router_index.reshape(tokens, 1, 1).expand(tokens, 1, dim).long()
     return x.new_zeros(tokens, num_routers, dim).scatter(1, index, x.unsqueeze(1)).view(tokens, num_routers * dim)
@@ -395,6 +424,7 @@ def moe_linear(
                                      generator, noise)
     c.tensor("weight", weight, "(E, d, out)", FLOAT_DTYPES)
     c.tensor("bias", bias, "(E, out)", FLOAT_DTYPES, optional=True)
+    c.flag("fused", fused)
     routing = topk_gating(
         gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
@@ -439,8 +469,12 @@ def moe_ffn(
     gating_x = _checked_gating_input(c, x, router_input, router_weight, k, token_k, noise_std, training, renormalize,
                                      generator, noise)
     c.tensor("w1", w1, "(E, d, h)", FLOAT_DTYPES)
+    c.tensor("b1", b1, "(E, h)", FLOAT_DTYPES, optional=True)
     c.tensor("w2", w2, "(E, h, out)", FLOAT_DTYPES)
+    c.tensor("b2", b2, "(E, out)", FLOAT_DTYPES, optional=True)
     c.choice("activation", activation, ACTIVATIONS)
+    c.flag("recompute_hidden", recompute_hidden)
+    c.flag("fused", fused)
     routing = topk_gating(
         gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise, backend=backend,
@@ -486,12 +520,13 @@ def moe_qkv(
     c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
     _check_router_input(c, x, router_input)
     if not isinstance(routers, (tuple, list)) or len(routers) != 3:
-        c.fail(TypeError, "routers must be a triple (q, k, v) of (d, E) router weights")
+        c.fail(TypeError, f"routers must be a triple (q, k, v) of (d, E) router weights, got {type(routers).__name__}")
     router_dim = "d" if router_input is None else "d_r"
     for name, router in zip("qkv", routers):
         c.tensor(f"routers ({name})", router, f"({router_dim}, E)", FLOAT_DTYPES)
     c.tensor("weights", weights, "(3, E, d, C)", FLOAT_DTYPES)
     c.tensor("biases", biases, "(3, E, C)", FLOAT_DTYPES, optional=True)
+    c.flag("fused", fused)
     if weights.shape[0] != 3:
         c.fail(ValueError, f"weights must stack the q, k, v experts on dim 0 (3, E, d, C), got {tuple(weights.shape)}")
     num_experts = weights.shape[1]
@@ -551,6 +586,9 @@ def moe_attention(
     Returns (output (B, L, C), (routing_q, routing_k, routing_v)).
     """
     c = Checker("sm4.ops.moe_attention")
+    for name, triple in (("routers", routers), ("expert_weights", expert_weights), ("expert_biases", expert_biases)):
+        if not isinstance(triple, (tuple, list)) or len(triple) != 3:
+            c.fail(TypeError, f"{name} must be a triple (q, k, v), got {type(triple).__name__}")
     c.tensor("query", query, "(B, L, d_q)", FLOAT_DTYPES)
     c.tensor("key", key, "(B, S, d_k)", FLOAT_DTYPES)
     c.tensor("value", value, "(B, S, d_v)", FLOAT_DTYPES)
@@ -565,7 +603,17 @@ def moe_attention(
     if channels % num_heads:
         c.fail(ValueError, f"the expert output width C = {channels} must be divisible by num_heads = {num_heads}")
     if token_k is not None and (not isinstance(token_k, (tuple, list)) or len(token_k) != 3):
-        c.fail(TypeError, "token_k must be None or a triple (q, k, v) of per-token k tensors (or None each)")
+        c.fail(TypeError, f"token_k must be None or a triple (q, k, v) of per-token k tensors (or None each), "
+                          f"got {type(token_k).__name__}")
+    for i, (tokens, shape) in enumerate(((query, "(B, L)"), (key, "(B, S)"), (value, "(B, S)"))):
+        tk = None if token_k is None else token_k[i]
+        if tk is not None:
+            if not isinstance(tk, torch.Tensor) or tk.dtype not in INDEX_DTYPES:
+                c.fail(TypeError, f"token_k[{i}] must be None or an int32/int64 tensor of shape {shape}, got "
+                                  f"{getattr(tk, 'dtype', type(tk).__name__)}")
+            if tk.shape != tokens.shape[:2]:
+                c.fail(ValueError, f"token_k[{i}] must have shape {shape} = {tuple(tokens.shape[:2])}, got {tuple(tk.shape)}")
+    c.flag("is_causal", is_causal)
 
     heads = []
     routings = []

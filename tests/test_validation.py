@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import sm4
 from sm4 import ops
 
 from .helpers import expert_params, router_inputs
@@ -63,9 +64,11 @@ def test_permute_and_unpermute_bad_arguments():
     raises(ValueError, r"x .* gives T = 5, but metadata.assignment_row .* gives T = 4", ops.permute, torch.randn(5, 3), m)
     raises(TypeError, r"metadata must be the RoutingMetadata", ops.permute, x, tuple(m))
     raises(ValueError, r"gates .* gives k_max = 3, but metadata.assignment_row .* gives k_max = 2", ops.unpermute, torch.randn(8, 3), torch.randn(4, 3), m)
-    raises(ValueError, r"y_sorted .* gives N = 7, but metadata.sorted_token .* gives N = 8", ops.unpermute, torch.randn(7, 3), r.gates, m)
+    raises(ValueError, r"y_sorted .* gives N = 7, but metadata.sorted_assignment .* gives N = 8", ops.unpermute, torch.randn(7, 3), r.gates, m)
     mixed = m._replace(sorted_token=m.sorted_token[:6])
-    raises(ValueError, r"not from one routing_metadata call", ops.permute, x, mixed)
+    raises(ValueError, r"metadata.sorted_token .* gives N = 6, but metadata.sorted_assignment .* gives N = 8", ops.permute, x, mixed)
+    short = m._replace(sorted_token=m.sorted_token[:6], sorted_assignment=m.sorted_assignment[:6])
+    raises(ValueError, r"not from one routing_metadata call", ops.permute, x, short)
 
 
 def test_grouped_and_composite_bad_arguments():
@@ -93,3 +96,45 @@ def test_moe_attention_bad_arguments():
     raises(ValueError, r"C = 8 must be divisible by num_heads = 3", ops.moe_attention, q, q, q, routers, weights, **{**good, "num_heads": 3})
     raises(ValueError, r"key .* gives B = 3, but query .* gives B = 2", ops.moe_attention, q, torch.randn(3, 3, 8), q, routers, weights, **good)
     raises(TypeError, r"token_k must be None or a triple", ops.moe_attention, q, q, q, routers, weights, token_k=torch.ones(2, 3), **good)
+
+
+MIXED = [  # (x, router, expert weights): the combinations the contract accepts (README "Dtypes accepted")
+    (torch.float32, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float16, torch.bfloat16),
+    (torch.float16, torch.float32, torch.float32),
+    (torch.float32, torch.float32, torch.float16),
+    (torch.float64, torch.float64, torch.float64),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("x_dtype,router_dtype,weight_dtype", MIXED)
+def test_accepted_dtype_combinations_match_the_reference(backend, x_dtype, router_dtype, weight_dtype):
+    from .helpers import TOLERANCES, skip_unless_runs
+
+    skip_unless_runs(backend, "expert_ffn")
+    if backend == "triton" and torch.float64 in (x_dtype, router_dtype, weight_dtype):
+        with pytest.raises(sm4.BackendNotSupportedError, match="float64"):
+            ops.moe_ffn(*_mixed_inputs(x_dtype, router_dtype, weight_dtype), 2, backend=backend)
+        return
+    inputs = _mixed_inputs(x_dtype, router_dtype, weight_dtype)
+    out = ops.moe_ffn(*inputs, 2, backend=backend).output
+    assert out.dtype == x_dtype
+    truth = ops.moe_ffn(*[t.double() for t in inputs], 2, backend="reference").output
+    # rows rounded to x's dtype once in, weights cast to it: the tolerance of the lower precision
+    low = max((x_dtype, weight_dtype), key=lambda d: TOLERANCES[d]["atol"])
+    torch.testing.assert_close(out.double(), truth, **{key: 4 * v for key, v in TOLERANCES[low].items()})
+
+
+def _mixed_inputs(x_dtype, router_dtype, weight_dtype):
+    x, w = router_inputs(7, 4, 5)
+    w1, b1 = expert_params(5, 4, 6)
+    w2, b2 = expert_params(5, 6, 4, seed=2)
+    return (x.to(x_dtype), w.to(router_dtype).double().to(router_dtype), w1.to(weight_dtype), b1.to(weight_dtype),
+            w2.to(weight_dtype), b2.to(weight_dtype))
+
+
+def test_refused_noise_dtype_names_noise():
+    x, w = router_inputs(6, 4, 5)
+    with pytest.raises(sm4.BackendNotSupportedError, match=r"noise is torch.float64"):
+        ops.topk_gating(x, w, 2, training=True, noise=torch.randn(6, 5, dtype=torch.float64), backend="triton")

@@ -38,7 +38,7 @@ void count_assignments(const index_t* ids, int64_t num_assignments, int64_t num_
     }
   });
   const int64_t bad = first_bad.load();
-  TORCH_CHECK(bad < 0, "sm4.expert_histogram: expert_ids must lie in [-1, num_experts=",
+  TORCH_CHECK_VALUE(bad < 0, "sm4.expert_histogram: expert_ids must lie in [-1, num_experts=",
               num_experts, "), but entry ", bad, " (flat index) is ", static_cast<int64_t>(ids[bad]));
   for (int64_t e = 0; e < num_experts; ++e) counts[e] = 0;
   for (int64_t t = 0; t < num_threads; ++t)

@@ -38,9 +38,13 @@ class MoEConfig:
     backend: str | None = None
 
     def validate(self, owner: str):
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+        for name in ("num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+        if self.num_experts < 1:
             raise ValueError(f"{owner}: num_experts must be a positive int, got {self.num_experts!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"{owner}: top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         if not self.noise_std >= 0:
             raise ValueError(f"{owner}: noise_std must be >= 0, got {self.noise_std!r}")

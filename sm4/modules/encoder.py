@@ -99,6 +99,11 @@ class SM4EncoderLayer(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
+        for arg, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"SM4EncoderLayer: {arg} must be a positive int, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"SM4EncoderLayer: {arg} must be a positive int, got {value!r}")
         factory = {"device": device, "dtype": dtype}
         moe = {"num_experts": num_experts, "top_k": top_k, "noise_std": noise_std, "renormalize": renormalize,
                    "balance_loss_weight": balance_loss_weight, "backend": backend, "num_routers": num_routers}

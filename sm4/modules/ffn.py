@@ -63,7 +63,9 @@ class SparseMoEFFN(SparseMoEModule):
     ):
         name = type(self).__name__
         for arg, value in (("d_model", d_model), ("dim_feedforward", dim_feedforward)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: {arg} must be a positive int, got {type(value).__name__} {value!r}")
+            if value < 1:
                 raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
