@@ -312,6 +312,11 @@ def test_urfunny(root):
         raw = pickle.load(handle)["train"]
     inputs, _ = splits["train"][0]  # no alignment or z-scoring by default: the stored steps, truncated
     np.testing.assert_allclose(inputs["urfunny.vision"].numpy(), raw["vision"][0, :20], rtol=1e-6)
+    # The default: Table 15's steps per field (vision and audio 20, text 50), not all padded to 50.
+    default = load_urfunny(root / "urfunny")
+    assert [default.modalities[m].shape[0] for m in ("urfunny.vision", "urfunny.audio", SHARED_TEXT)] == [20, 20, 50]
+    with pytest.raises(ValueError, match="seq_len"):
+        load_urfunny(root / "urfunny", seq_len={"vision": 20})
 
 
 def test_mimic(root):
@@ -410,9 +415,9 @@ def test_vt(root):
     assert data.modalities == {
         "vt.image": ModalitySpec("vt.image", "image", (2, 2, 192)),
         "vt.depth": ModalitySpec("vt.depth", "image", (2, 2, 64)),
-        "vt.force": ModalitySpec("vt.force", "sequence", (32, 6)),
-        "vt.proprio": ModalitySpec("vt.proprio", "tabular", (8, 1)),
-        "vt.action": ModalitySpec("vt.action", "tabular", (4, 1)),
+        "vt.force": ModalitySpec("vt.force", "sequence", (6, 32)),  # MultiBench's transpose
+        "vt.proprio": ModalitySpec("vt.proprio", "sequence", (1, 8)),  # one token of 8 channels
+        "vt.action": ModalitySpec("vt.action", "sequence", (1, 4)),
     }
     assert data.tasks["vt"].num_outputs == 2
     splits = data.splits["vt"]
@@ -426,6 +431,13 @@ def test_vt(root):
     split = load_vt(root / "vt" / "triangle_real_data", val_fraction=0.2, test_fraction=0.2, image_patch=16,
                     depth_patch=4)
     assert split.modalities["vt.image"].shape == (1, 1, 768)
+    earlier = load_vt(root / "vt", layout="sm4")
+    assert [earlier.modalities[m].shape for m in ("vt.force", "vt.proprio", "vt.action")] == [(32, 6), (8, 1), (4, 1)]
+    sm4_inputs, _ = earlier.splits["vt"]["train"][0]
+    np.testing.assert_array_equal(sm4_inputs["vt.force"].numpy().T, inputs["vt.force"].numpy())
+    np.testing.assert_array_equal(sm4_inputs["vt.proprio"].numpy()[:, 0], inputs["vt.proprio"].numpy()[0])
+    with pytest.raises(ValueError, match="layout"):
+        load_vt(root / "vt", layout="columns")
     assert {s: len(split.splits["vt"][s]) for s in SPLITS} == {"train": 9, "val": 3, "test": 3}
 
 
@@ -708,3 +720,20 @@ def test_hdf5_errors(root, tmp_path):
     write_vt_episode(vt / "e_1_1000.h5", side=8)
     with pytest.raises(ValueError, match=r"e_1_1000\.h5': field 'image' has size \(8, 8\)"):
         load_vt(vt)
+
+
+def test_the_unpickler_takes_defaultdicts_of_plain_types_but_no_callable_factory(tmp_path):
+    """MultiBench's MIMIC / affect pickles hold collections.defaultdict (of list): read; a
+    defaultdict whose factory is any other callable is still refused."""
+    from collections import defaultdict
+
+    from sm4.data.multibench import _read_pickle
+
+    path = tmp_path / "d.pk"
+    table = defaultdict(list, {"a": [1, 2]})
+    path.write_bytes(pickle.dumps({"x": table, "y": np.arange(3)}, protocol=4))
+    loaded = _read_pickle("mimic", path, allow_unsafe=False)
+    assert isinstance(loaded["x"], defaultdict) and loaded["x"]["a"] == [1, 2] and loaded["x"]["b"] == []
+    path.write_bytes(pickle.dumps(defaultdict(os.getcwd), protocol=4))
+    with pytest.raises(ValueError, match=r"refusing to unpickle .*getcwd"):
+        _read_pickle("mimic", path, allow_unsafe=False)

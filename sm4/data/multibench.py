@@ -55,7 +55,8 @@ push (regression, 32 outputs, MSE): ``push.gripper_pos`` sequence (16, 3), ``pus
     (MultiBench hard-codes statistics of the same kind); uint8 images are divided by 255.
     train/val/test = the 1000/10/300-trajectory files.
 vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64), ``vt.force``
-    sequence (32, 6), ``vt.proprio`` tabular (8, 1), ``vt.action`` tabular (4, 1). MultiBench's
+    sequence (6, 32), ``vt.proprio`` sequence (1, 8), ``vt.action`` (1, 4) (``layout="multibench"``,
+    as MultiBench / HighMMT; ``"sm4"``: force (32, 6), proprio (8, 1), action (4, 1)). MultiBench's
     robotics episodes: ``image`` (T, H, W, 3) or (T, 3, W, H), ``depth_data`` (T, H, W[, 1]),
     ``proprio`` (T, >=8), ``ee_forces_continuous`` (T, >=32, 6), ``action`` (T, A), ``contact``
     (T, ...). Sample t < T - 1: image, depth, proprio[:8] and the last ``force_window`` (32) force
@@ -70,9 +71,10 @@ mosei (2 classes): ``mosei.vision`` sequence (50, 35), ``mosei.audio`` (50, 74),
     front-padded); ``znorm`` (on): per-sample, per-feature z-score (HighMMT's MOSEI pipeline);
     then cut / zero-pad at the end to ``seq_len`` (50); non-finite values (-inf audio) -> 0.
     Label: sentiment >= 0 (HighMMT; ``zero_is_positive=False``: > 0, MultiBench's).
-urfunny (2 classes): ``urfunny.vision`` sequence (50, 371), ``urfunny.audio`` (50, 81),
+urfunny (2 classes): ``urfunny.vision`` sequence (20, 371), ``urfunny.audio`` (20, 81),
     ``affect.text`` (50, 300). humor.pkl, the same layout; labels 0/1, class = label > 0.
-    ``align`` and ``znorm`` default off: HighMMT feeds humor.pkl's arrays as they are.
+    ``align`` and ``znorm`` default off: HighMMT feeds humor.pkl's arrays as they are. Steps per
+    field (``seq_len``): vision and audio 20, text 50 (Table 15; not padded to 50).
 mimic (2 classes, or 6): ``mimic.static`` tabular (5, 1), ``mimic.timeseries`` sequence (24, 12).
     im.pk {'ep_tdata' (n, 24, 12), 'adm_features_all' (n, 5), 'adm_labels_all' (n, 6), 'y_icd9'
     (n, 20)}; non-finite -> 0, z-scored with all samples' mean / std (as MultiBench). Label:
@@ -237,6 +239,9 @@ _PICKLE_GLOBALS = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
     ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"), ("collections", "OrderedDict"),
+    # MultiBench's pickles hold defaultdicts; their default_factory is a plain type (no code runs).
+    ("collections", "defaultdict"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "int"),
+    ("builtins", "float"), ("builtins", "set"), ("builtins", "tuple"),
 })
 
 
@@ -510,7 +515,8 @@ def _nonzero_rows(x: np.ndarray, chunk: int = 512) -> np.ndarray:
 
 
 class _AffectReader:
-    def __init__(self, arrays: dict[str, np.ndarray], names: dict[str, str], seq_len: int, align: bool, znorm: bool):
+    def __init__(self, arrays: dict[str, np.ndarray], names: dict[str, str], seq_len: dict[str, int], align: bool,
+                 znorm: bool):
         self.arrays, self.names = arrays, names
         self.seq_len, self.align, self.znorm = seq_len, align, znorm
 
@@ -521,7 +527,8 @@ class _AffectReader:
             start = int(steps[0]) if len(steps) else 0
         out = {}
         for field, name in self.names.items():
-            x = np.asarray(self.arrays[field][row][start:start + self.seq_len], dtype=np.float32)
+            length = self.seq_len[field]
+            x = np.asarray(self.arrays[field][row][start:start + length], dtype=np.float32)
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             if self.znorm:
                 if len(x) > 1:
@@ -530,17 +537,19 @@ class _AffectReader:
                     x = np.divide(centred, std, out=np.zeros_like(x), where=std > 0)
                 else:
                     x = np.zeros_like(x)
-            if len(x) < self.seq_len:
-                x = np.concatenate([x, np.zeros((self.seq_len - len(x), x.shape[1]), np.float32)])
+            if len(x) < length:
+                x = np.concatenate([x, np.zeros((length - len(x), x.shape[1]), np.float32)])
             out[name] = x
         return out
 
 
 def _load_affect(task: str, root, names: tuple[str, ...], positive: Callable[[np.ndarray], np.ndarray], *,
-                 seq_len: int, align: bool, znorm: bool, drop_empty_text: bool, share_text: bool,
+                 seq_len: int | dict, align: bool, znorm: bool, drop_empty_text: bool, share_text: bool,
                  allow_unsafe_pickle: bool, description: str) -> MultiTaskData:
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"MultiBench {task}: seq_len must be a positive integer, got {seq_len!r}")
+    lengths = seq_len if isinstance(seq_len, dict) else dict.fromkeys(AFFECT_FIELDS, seq_len)
+    if set(lengths) != set(AFFECT_FIELDS) or any(not isinstance(n, int) or n < 1 for n in lengths.values()):
+        raise ValueError(f"MultiBench {task}: seq_len must be a positive integer or {{field: positive integer}} "
+                         f"for the fields {list(AFFECT_FIELDS)}, got {seq_len!r}")
     path = _resolve(task, Path(root), names)
     data = _read_pickle(task, path, allow_unsafe_pickle)
     _expect_dict(task, path, data, "a dict of splits")
@@ -570,8 +579,8 @@ def _load_affect(task: str, root, names: tuple[str, ...], positive: Callable[[np
         rows = _nonzero_rows(arrays["text"]) if drop_empty_text else np.arange(len(labels))
         targets = torch.from_numpy(positive(labels[rows]).astype(np.int64))
         splits_raw[split] = (arrays, rows, targets)
-    modalities = {modality_of[f]: ModalitySpec(modality_of[f], "sequence", (seq_len, widths[f])) for f in AFFECT_FIELDS}
-    splits = {split: MultiBenchDataset(task, modalities, _AffectReader(arrays, modality_of, seq_len, align, znorm),
+    modalities = {modality_of[f]: ModalitySpec(modality_of[f], "sequence", (lengths[f], widths[f])) for f in AFFECT_FIELDS}
+    splits = {split: MultiBenchDataset(task, modalities, _AffectReader(arrays, modality_of, lengths, align, znorm),
                                        rows, targets, f"{path}[{AFFECT_SPLITS[split]}]")
               for split, (arrays, rows, targets) in splits_raw.items()}
     spec = _classification(task, modalities, 2)
@@ -589,9 +598,14 @@ def load_mosei(root, *, seq_len: int = 50, align: bool = True, znorm: bool = Tru
                         description=f"CMU-MOSEI sentiment {'>=' if zero_is_positive else '>'} 0")
 
 
-def load_urfunny(root, *, seq_len: int = 50, align: bool = False, znorm: bool = False, drop_empty_text: bool = True,
+URFUNNY_LENGTHS = {"vision": 20, "audio": 20, "text": 50}  # M³SAT Table 15 / HighMMT's humorloader
+
+
+def load_urfunny(root, *, seq_len: int | dict = URFUNNY_LENGTHS, align: bool = False, znorm: bool = False, drop_empty_text: bool = True,
                  share_text: bool = True, allow_unsafe_pickle: bool = False) -> MultiTaskData:
-    """UR-FUNNY humour detection (binary); ``root`` is the urfunny folder or humor.pkl itself."""
+    """UR-FUNNY humour detection (binary); ``root`` is the urfunny folder or humor.pkl itself.
+    seq_len: steps per field, default Table 15's (vision and audio 20, text 50: not padded to 50);
+    an integer gives every field that length (50: sm4's earlier choice)."""
     return _load_affect("urfunny", root, URFUNNY_FILES, lambda y: y > 0, seq_len=seq_len, align=align, znorm=znorm,
                         drop_empty_text=drop_empty_text, share_text=share_text,
                         allow_unsafe_pickle=allow_unsafe_pickle, description="UR-FUNNY humour")
@@ -912,8 +926,8 @@ def load_push(root, *, seq_len: int = 16, image_patch: int = 1) -> MultiTaskData
 
 class _VTReader:
     def __init__(self, episodes: list[dict], samples: np.ndarray, image_patch: int, depth_patch: int,
-                 force_window: int, files: _H5Files):
-        self.episodes, self.samples = episodes, samples
+                 force_window: int, files: _H5Files, layout: str = "multibench"):
+        self.episodes, self.samples, self.layout = episodes, samples, layout
         self.image_patch, self.depth_patch, self.force_window, self.files = image_patch, depth_patch, force_window, files
 
     def __call__(self, row: int) -> dict:
@@ -932,11 +946,16 @@ class _VTReader:
             image = image / 255.0
         depth = read("depth_data", t).astype(np.float32).reshape(episode["depth_shape"])
         force = np.tanh(read("ee_forces_continuous", t).astype(np.float32)[-self.force_window:])
+        proprio = read("proprio", t).astype(np.float32)[:8]
+        action = read("action", t + 1).astype(np.float32)
+        if self.layout == "multibench":  # MultiBench / HighMMT: force (6, window), one proprio / action token
+            return {"vt.image": patchify(image, self.image_patch), "vt.depth": patchify(depth, self.depth_patch),
+                    "vt.force": np.ascontiguousarray(force.T), "vt.proprio": proprio[None], "vt.action": action[None]}
         return {"vt.image": patchify(image, self.image_patch),
                 "vt.depth": patchify(depth, self.depth_patch),
                 "vt.force": force,
-                "vt.proprio": read("proprio", t).astype(np.float32)[:8, None],
-                "vt.action": read("action", t + 1).astype(np.float32)[:, None]}
+                "vt.proprio": proprio[:, None],
+                "vt.action": action[:, None]}
 
 
 def _vt_files(root: Path) -> list[Path]:
@@ -988,11 +1007,16 @@ def _read_vt_episode(path: Path, force_window: int) -> dict:
 
 
 def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: int = 32, val_fraction: float = 0.2,
-            test_fraction: float = 0.0, seed: int = 0) -> MultiTaskData:
+            test_fraction: float = 0.0, seed: int = 0, layout: str = "multibench") -> MultiTaskData:
     """Vision & touch (MultiBench robotics) from a folder of episode .h5 files. Needs h5py. Predicts
     contact at the next step (2 classes). Episodes are split by file (seeded); test is val unless
-    ``test_fraction`` > 0 (MultiBench evaluates on val)."""
+    ``test_fraction`` > 0 (MultiBench evaluates on val). layout "multibench" (default, as MultiBench
+    and HighMMT feed them): force (6, force_window), 6 tokens of the window's readings; proprio
+    (1, 8) and action (1, A), one token each. "sm4" (earlier): force (force_window, 6), proprio
+    (8, 1) and action (A, 1) tables of one feature per token."""
     task, root = "vt", Path(root)
+    if layout not in ("multibench", "sm4"):
+        raise ValueError(f"MultiBench {task}: layout must be 'multibench' or 'sm4', got {layout!r}")
     files = _vt_files(root)
     if not files:
         raise FileNotFoundError(f"MultiBench {task} files not found: expected episode files "
@@ -1021,13 +1045,18 @@ def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: i
     modalities = {
         "vt.image": ModalitySpec("vt.image", "image", (height // image_patch, width // image_patch, image_patch**2 * 3)),
         "vt.depth": ModalitySpec("vt.depth", "image", (height // depth_patch, width // depth_patch, depth_patch**2)),
-        "vt.force": ModalitySpec("vt.force", "sequence", (force_window, 6)),
-        "vt.proprio": ModalitySpec("vt.proprio", "tabular", (8, 1)),
-        "vt.action": ModalitySpec("vt.action", "tabular", (first["actions"], 1)),
     }
+    if layout == "multibench":
+        modalities.update({"vt.force": ModalitySpec("vt.force", "sequence", (6, force_window)),
+                           "vt.proprio": ModalitySpec("vt.proprio", "sequence", (1, 8)),
+                           "vt.action": ModalitySpec("vt.action", "sequence", (1, first["actions"]))})
+    else:
+        modalities.update({"vt.force": ModalitySpec("vt.force", "sequence", (force_window, 6)),
+                           "vt.proprio": ModalitySpec("vt.proprio", "tabular", (8, 1)),
+                           "vt.action": ModalitySpec("vt.action", "tabular", (first["actions"], 1))})
     samples = np.asarray([(i, t) for i, e in enumerate(episodes) for t in range(e["steps"] - 1)], dtype=np.int64)
     targets = np.concatenate([e["contact_next"] for e in episodes])
-    reader = _VTReader(episodes, samples, image_patch, depth_patch, force_window, _H5Files(task))
+    reader = _VTReader(episodes, samples, image_patch, depth_patch, force_window, _H5Files(task), layout)
     splits = {}
     for split in SPLITS:
         rows = np.flatnonzero(np.isin(samples[:, 0], chosen[split]))
