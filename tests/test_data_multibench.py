@@ -368,7 +368,7 @@ def test_enrico(root):
 
 @needs_h5py
 def test_push(root):
-    data = load_push(root / "push")
+    data = load_push(root / "push", normalization="train")
     assert data.modalities == {
         "push.gripper_pos": ModalitySpec("push.gripper_pos", "sequence", (16, 3)),
         "push.gripper_sensors": ModalitySpec("push.gripper_sensors", "sequence", (16, 7)),
@@ -396,6 +396,15 @@ def test_push(root):
     np.testing.assert_allclose(target.numpy(), expected.reshape(-1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(inputs["push.image"].numpy(), np.moveaxis(test["image"][16:32], 0, -1), rtol=1e-6)
     assert list(splits["val"].reader.samples[:, 1]) == [0, 16, 8, 24]
+    # The default: MultiBench's published constants, not the train file's statistics
+    from sm4.data.multibench import PUSH_MULTIBENCH_STATS
+
+    mean, std = (np.asarray(v) for v in PUSH_MULTIBENCH_STATS["gripper_pos"])
+    default_inputs, _ = load_push(root / "push").splits["push"]["test"][1]
+    np.testing.assert_allclose(default_inputs["push.gripper_pos"].numpy(), (test["eef_pos"][16:32] - mean) / std,
+                               rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="normalization"):
+        load_push(root / "push", normalization="minmax")
     batch, targets = next(iter(task_loader(data, "push", "train", batch_size=5)))
     assert batch["push.image"].shape == (5, 32, 32, 16) and targets.shape == (5, 32)
 

@@ -51,8 +51,9 @@ push (regression, 32 outputs, MSE): ``push.gripper_pos`` sequence (16, 3), ``pus
     at offsets 0 and 8 (as MultiBench). sensors = force + contact; control = the previous eef
     position, its change and contact (as MultiBench). The 16 frames become the image's features
     (the model has no video kind); ``image_patch`` 1. Target: the object's (x, y) at each step,
-    flattened. All but the image is standardised with the train file's per-feature mean / std
-    (MultiBench hard-codes statistics of the same kind); uint8 images are divided by 255.
+    flattened. All but the image is standardised with MultiBench's published per-feature
+    constants (``normalization="train"``: the train file's mean / std); images are fed unscaled
+    as MultiBench does (``rescale_images=True``: uint8 / 255).
     train/val/test = the 1000/10/300-trajectory files.
 vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64), ``vt.force``
     sequence (6, 32), ``vt.proprio`` sequence (1, 8), ``vt.action`` (1, 4) (``layout="multibench"``,
@@ -866,10 +867,32 @@ def _read_push_file(task: str, path: Path) -> tuple[list[dict], tuple[int, int],
     return trajectories, image_size, bool(uint8)
 
 
-def load_push(root, *, seq_len: int = 16, image_patch: int = 1) -> MultiTaskData:
+# MultiBench's (and HighMMT's) Gentle Push normalisation: (mean, std) per feature, as published in
+# its datasets/gentle_push/data_loader.py (MuJoCo data).
+PUSH_MULTIBENCH_STATS = {
+    "gripper_pos": ((0.46806443, -0.0017836, 0.88028437), (0.02410769, 0.02341035, 0.04018243)),
+    "gripper_sensors": ((4.9182904e-01, 4.5039989e-02, -3.2791464e00, -3.3874984e-03, 1.1552566e-02, -8.4817986e-04,
+                         2.1303751e-01),
+                        (1.6152629, 1.666905, 1.9186896, 0.14219016, 0.14232528, 0.01675198, 0.40950698)),
+    "states": ((0.4970164, -0.00916641), (0.0572766, 0.06118315)),
+    "control": ((4.6594709e-01, -2.5247163e-03, 8.8094306e-01, 1.2939950e-04, -5.4364675e-05, -6.1112235e-04,
+                 2.2041667e-01),
+                (0.02239027, 0.02356066, 0.0405312, 0.00054858, 0.0005754, 0.00046352, 0.41451886)),
+}
+
+
+def load_push(root, *, seq_len: int = 16, image_patch: int = 1, normalization: str = "multibench",
+              rescale_images: bool = False) -> MultiTaskData:
     """Gentle Push from the folder ``root`` holding MultiBench's gentle_push_{1000,10,300}.hdf5
-    (train/val/test). Needs h5py. Regression of the object's (x, y) over ``seq_len`` steps."""
+    (train/val/test). Needs h5py. Regression of the object's (x, y) over ``seq_len`` steps.
+
+    normalization: "multibench" (default: MultiBench's published constants,
+    ``PUSH_MULTIBENCH_STATS``) or "train" (the train file's per-feature mean / std: sm4's earlier
+    choice, right for data other than MultiBench's). rescale_images: divide uint8 images by 255
+    (MultiBench feeds them unscaled; default False)."""
     task, root = "push", Path(root)
+    if normalization not in ("multibench", "train"):
+        raise ValueError(f"MultiBench {task}: normalization must be 'multibench' or 'train', got {normalization!r}")
     paths = {}
     for split, name in PUSH_FILES.items():
         found = _push_file(root, name)
@@ -885,12 +908,14 @@ def load_push(root, *, seq_len: int = 16, image_patch: int = 1) -> MultiTaskData
                          + ", ".join(f"{paths[s]} {sizes[s]}" for s in SPLITS))
     height, width = sizes["train"]
     _check_patch(task, "image", image_patch, height, width)
-    # Standardise with the train file's per-feature statistics (MultiBench hard-codes the same kind).
-    stats = {}
-    for key in ("gripper_pos", "gripper_sensors", "control", "states"):
-        values = np.concatenate([t[key] for t in loaded["train"][0]])
-        std = values.std(axis=0)
-        stats[key] = (values.mean(axis=0), np.where(std > 0, std, 1.0))
+    if normalization == "multibench":  # the statistics MultiBench's loader subtracts and divides by
+        stats = {key: (np.asarray(mean), np.asarray(std)) for key, (mean, std) in PUSH_MULTIBENCH_STATS.items()}
+    else:  # the train file's per-feature mean / std
+        stats = {}
+        for key in ("gripper_pos", "gripper_sensors", "control", "states"):
+            values = np.concatenate([t[key] for t in loaded["train"][0]])
+            std = values.std(axis=0)
+            stats[key] = (values.mean(axis=0), np.where(std > 0, std, 1.0))
     modalities = {
         "push.gripper_pos": ModalitySpec("push.gripper_pos", "sequence", (seq_len, 3)),
         "push.gripper_sensors": ModalitySpec("push.gripper_sensors", "sequence", (seq_len, 7)),
@@ -915,7 +940,7 @@ def load_push(root, *, seq_len: int = 16, image_patch: int = 1) -> MultiTaskData
         for trajectory in trajectories:
             del trajectory["states"]
         reader = _PushReader(str(paths[split]), trajectories, samples, seq_len, image_patch,
-                             1 / 255 if uint8 else 1.0, files)
+                             1 / 255 if uint8 and rescale_images else 1.0, files)
         splits[split] = MultiBenchDataset(task, modalities, reader, np.arange(len(samples)), targets, paths[split])
     spec = TaskSpec(task, tuple(modalities), "regression", seq_len * 2, "mse")
     return _single(spec, modalities, splits, f"Gentle Push object position over {seq_len} steps from {str(root)!r}")
