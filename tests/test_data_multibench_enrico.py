@@ -29,3 +29,15 @@ def test_enrico(root):
     full = load_enrico(root / "enrico")  # the default 256x128 in 8px patches
     assert full.modalities["enrico.wireframe"].shape == (32, 16, 192)
     check_items(full.splits["enrico"]["test"], full.modalities, "classification")
+
+
+def test_enrico_train_split_carries_multibench_class_balanced_sampling(root):
+    import torch
+
+    train = load_enrico(root / "enrico").splits["enrico"]["train"]
+    weights = train.sampling_weights
+    per_class = torch.zeros(int(train.targets.max()) + 1, dtype=torch.float64).index_add_(0, train.targets, weights)
+    torch.testing.assert_close(per_class[per_class > 0], torch.ones_like(per_class[per_class > 0]))  # equal mass
+    assert len(list(train.sampler(torch.Generator().manual_seed(0)))) == len(train)
+    assert load_enrico(root / "enrico", balanced_train=False).splits["enrico"]["train"].sampler() is None
+

@@ -181,7 +181,14 @@ class MultiBenchDataset(Dataset):
     the source row of item ``i`` (its index in the file's sample order, for provenance), and
     ``targets[i]`` its target. Every fetched input is checked against its :class:`ModalitySpec`
     shape and for non-finite values (ValueError naming ``source`` and the row).
+
+    ``sampling_weights``: None (sample uniformly) or (n,) float64 per-item weights with which
+    MultiBench samples this split (ENRICO's train split: class-balanced); ``sampler()`` turns them
+    into a ``WeightedRandomSampler`` that draws ``len(self)`` items per epoch with replacement, as
+    MultiBench's.
     """
+
+    sampling_weights: torch.Tensor | None = None
 
     def __init__(self, task: str, modalities: dict[str, ModalitySpec], reader: Callable[[int], dict],
                  rows, targets: torch.Tensor, source: str):
@@ -196,6 +203,13 @@ class MultiBenchDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def sampler(self, generator: torch.Generator | None = None):
+        """The split's sampler as MultiBench draws it, or None where it samples uniformly."""
+        if self.sampling_weights is None:
+            return None
+        return torch.utils.data.WeightedRandomSampler(self.sampling_weights, len(self), replacement=True,
+                                                      generator=generator)
 
     def __getitem__(self, index):
         if not -len(self) <= index < len(self):
@@ -213,6 +227,12 @@ class MultiBenchDataset(Dataset):
                                  "has non-finite values")
             inputs[name] = torch.from_numpy(x)
         return inputs, self.targets[index]
+
+
+def class_balanced_weights(targets: torch.Tensor) -> torch.Tensor:
+    """(n,) float64 weights 1 / (count of the item's class): every class drawn equally often."""
+    counts = torch.bincount(targets)
+    return 1.0 / counts[targets].double()
 
 
 def _classification(name: str, modalities, classes: int) -> TaskSpec:

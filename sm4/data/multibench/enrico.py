@@ -11,7 +11,7 @@ import torch
 
 from ..bundled import ModalitySpec, MultiTaskData, SPLITS
 from ._common import (ENRICO_CSV, ENRICO_FRACTIONS, ENRICO_IGNORED, ENRICO_SPLIT_SEED, MultiBenchDataset, _bad,
-                      _check_patch, _classification, _require_file, _single, patchify)
+                      _check_patch, _classification, _require_file, _single, class_balanced_weights, patchify)
 
 
 def _pil():
@@ -43,9 +43,13 @@ class _EnricoReader:
         return {"enrico.screenshot": self._image(screenshot), "enrico.wireframe": self._image(wireframe)}
 
 
-def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int = 8) -> MultiTaskData:
+def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int = 8,
+                balanced_train: bool = True) -> MultiTaskData:
     """ENRICO UI design topics from the ENRICO folder ``root`` (design_topics.csv, screenshots/,
-    wireframes/). ``image_size`` (height, width) of both images before cutting into patches."""
+    wireframes/). ``image_size`` (height, width) of both images before cutting into patches.
+    balanced_train (default True): the train split carries MultiBench's class-balanced sampling
+    weights (``MultiBenchDataset.sampling_weights`` / ``.sampler()``; a loop that samples
+    uniformly ignores them)."""
     task, root = "enrico", Path(root)
     csv_path = _require_file(task, root / ENRICO_CSV)
     height, width = (int(s) for s in image_size)
@@ -96,5 +100,7 @@ def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int = 
     splits = {split: MultiBenchDataset(task, modalities, reader, rows[split],
                                        torch.from_numpy(targets[np.asarray(rows[split], dtype=np.int64)]), root)
               for split in SPLITS}
+    if balanced_train:  # MultiBench's ENRICO train loader: a class-balanced WeightedRandomSampler
+        splits["train"].sampling_weights = class_balanced_weights(splits["train"].targets)
     return _single(_classification(task, modalities, len(topics)), modalities, splits,
                    f"ENRICO design topics ({len(topics)}) from {str(root)!r}, images {height}x{width} in {patch}px patches")
