@@ -56,8 +56,9 @@ def run_main_job(args):
     runs = {}
     for label in ("SM4", "dense"):
         chosen = copy.deepcopy(setting)
-        if label == "dense":  # equal FLOPs per token (see ModelConfig.dense), no adaptive mechanisms
-            chosen.model.dense, chosen.train.aea, chosen.train.alp = True, False, False
+        if label == "dense":  # the papers' Dense Model 1 (double depth: equal FLOPs), no adaptive mechanisms
+            chosen.model.dense, chosen.model.dense_kind, chosen.train.aea, chosen.train.alp = True, "double_depth", False, False
+            print("baseline: the papers' Dense Model 1 (dense layers of double depth: SM4's FLOPs)")
         start = time.perf_counter()
         model, trainer, test = experiment.train(chosen, data, os.path.join(args.out, label.lower()), resume=False)
         runs[label] = {"test": test, "trainer": trainer, "params": experiment.parameter_counts(model, data),

@@ -37,6 +37,7 @@ def register_formulas() -> None:
     if _registered:
         return
     _registered = True
+    _register_cpu_attention()
     pairs = [("grouped_mm", _grouped_mm_flops), ("grouped_weight_grad", _grouped_weight_grad_flops),
              ("topk_gating_forward", _gating_forward_flops)]
     for name, formula in pairs:
@@ -44,6 +45,23 @@ def register_formulas() -> None:
             packet = getattr(torch.ops.sm4, qualified, None) if _has_op(qualified) else None
             if packet is not None:
                 register_flop_formula(packet, get_raw=True)(formula)
+
+
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    """query, key, value: the shapes (torch passes shapes to formulas without get_raw)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)  # the registry passes shapes
+
+
+def _register_cpu_attention() -> None:
+    """torch's counter knows the CUDA SDPA kernels but not the CPU flash one (which CPU SDPA
+    dispatches to): without this, attention is silently absent from CPU counts."""
+    from torch.utils.flop_counter import flop_registry
+
+    packet = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if packet is not None and packet not in flop_registry:
+        register_flop_formula(packet)(_cpu_flash_attention_flops)
 
 
 def _has_op(name: str) -> bool:
@@ -59,3 +77,37 @@ def count_flops(fn, *args, **kwargs) -> int:
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops()
+
+
+# The papers' convention (thop / fvcore style): multiply-accumulates of the linear layers (dense
+# GEMMs, sm4's grouped GEMMs over the rows that run, the router GEMMs) and of the norm layers (one
+# per element: the affine scale and shift); attention's score and value products (bmm, SDPA) and
+# element-wise ops are not counted.
+_LINEAR_OPS = ("mm", "addmm", "grouped_mm", "triton_grouped_mm", "topk_gating_forward", "triton_topk_gating_forward")
+_NORMS = (torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)
+
+
+def count_macs(model: torch.nn.Module, *args, **kwargs) -> int:
+    """Multiply-accumulates of ``model(*args, **kwargs)`` in the papers' convention (see above):
+    torch's flop counter's linear-layer ops / 2, plus one per element of every norm layer's input."""
+    register_formulas()
+    norm_macs = []
+
+    def count_norm(module, inputs, output):
+        norm_macs.append(inputs[0].numel())
+
+    hooks = [m.register_forward_hook(count_norm) for m in model.modules() if isinstance(m, _NORMS)]
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = counter.get_flop_counts()["Global"]
+    linear = sum(count for op, count in counts.items() if _op_name(op) in _LINEAR_OPS)
+    return linear // 2 + sum(norm_macs)
+
+
+def _op_name(op) -> str:
+    """aten.addmm.default / sm4.grouped_mm -> 'addmm' / 'grouped_mm'."""
+    return str(op).split("::")[-1].split(".")[-2 if str(op).count(".") >= 2 else -1]

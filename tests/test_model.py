@@ -160,3 +160,55 @@ def test_dense_ablation_and_flops():
     assert 0.8 < sparse_flops / dense_flops < 1.6
     aux = sm4.collect_aux_loss(sparse)  # the counted forward kept the balancing loss
     assert aux.dim() == 0 and torch.isfinite(aux) and aux > 0
+
+
+def test_packed_layout_is_the_papers_width_with_the_position_code_after_the_padding():
+    mods = {"wide": ("sequence", (4, 10)), "image": ("image", (2, 2, 1))}
+    tokenizer = Tokenizer(mods, num_bands=2, max_freq=1.0, layout="packed", bands={"wide": 1})
+    # widest features + own position code: wide 10 + 1 * 3, image 1 + 2 * 5 -> 13; one-hot 2
+    assert tokenizer.width == 13 + 2 and tokenizer.bands == {"wide": 1, "image": 2}
+    tokens = tokenizer("image", torch.rand(3, 2, 2, 1))
+    assert (tokens[..., 1:3] == 0).all()  # padding between the pixel and its 10-wide position code
+    positions = fourier_encode(grid_positions((2, 2)), frequencies(2, 1.0)).float()
+    torch.testing.assert_close(tokens[0, :, 3:13], positions)
+    assert (tokens[..., 13] == 0).all() and (tokens[..., 14] == 1).all()
+    with pytest.raises(ValueError, match="layout"):
+        Tokenizer(mods, num_bands=2, max_freq=1.0, layout="interleaved")
+
+
+def test_the_papers_encoder_feed_forward_heads_and_dense_baselines():
+    from sm4.model.sm4_model import GEGLUFeedForward, dense_shape
+
+    ff = GEGLUFeedForward(64)
+    assert [tuple(m.weight.shape) for m in ff if isinstance(m, torch.nn.Linear)] == [(512, 64), (64, 256)]
+    model = SM4Model(small_config(encoder_ff="geglu", head_pool="mean"), MODALITIES, TASKS).eval()
+    assert model.heads["both"][1].in_features == 2 * 16  # M * C, the papers' head inputs
+    assert model("both", inputs()).shape == (3, 5)
+    config = small_config(dense=True)
+    assert dense_shape(config, sparse_ffn=False) == (32, 1)  # equal FFN FLOPs: top_k * H
+    config.dense_kind = "double_depth"
+    assert dense_shape(config, sparse_ffn=False) == (16, 2)  # Dense Model 1
+    assert len(SM4Model(config, MODALITIES, TASKS).layers) == 2
+    config.dense_kind = "wide"
+    assert dense_shape(config, sparse_ffn=False) == (64, 1)  # Dense Model 2
+    with pytest.raises(ValueError, match="dense_kind"):
+        small_config(dense_kind="tall").validate()
+
+
+def test_the_published_settings_use_the_papers_choices():
+    for name in ("small", "medium", "large"):
+        model = get_setting(name).model
+        assert (model.encoder_ff, model.head_pool, model.token_layout, model.max_freq) == ("geglu", "mean", "packed", 1.0)
+    assert get_setting("large").model.freq_bands["affect.text"] == 3
+    assert get_setting("large").train.task_batch_size == {"urfunny": 32, "mosei": 32, "mimic": 20, "avmnist": 40}
+
+
+def test_highmmt_model_runs_and_keeps_one_latent_per_modality_pair():
+    from sm4.model.highmmt import HighMMTConfig, HighMMTModel
+
+    config = HighMMTConfig(latent_tokens=3, width=16, latent_heads=2, cross_heads=2, head_dim=8, num_freq_bands=2)
+    model = HighMMTModel(config, MODALITIES, TASKS).eval()
+    assert model.heads["both"][1].in_features == 2 * 16  # pairs (image, series), (series, image)
+    assert model("both", inputs()).shape == (3, 5) and model("table", inputs()).shape == (3, 1)
+    untied = HighMMTModel(HighMMTConfig(**{**config.__dict__, "tied_cross": False}), MODALITIES, TASKS)
+    assert len(untied.cross_blocks) == 2 and len(model.cross_blocks) == 1

@@ -5,7 +5,7 @@ the task's head.
 
     inputs {modality: (B, *shape)} --Tokenizer--> (B, n_m, D) --PerceiverEncoder--> (B, N, C)
         --concat over the task's modalities--> (B, M*N, C) --SM4EncoderLayer x depth-->
-        --head (flatten -> Linear -> BatchNorm)--> (B, outputs)
+        --head (flatten, or mean per modality -> Linear -> BatchNorm)--> (B, outputs)
 
 The encoder layers are shared by all tasks (their experts and routers see every task's tokens;
 the per-token k comes from each token's modality, set by AEA through ``set_modality_k``). ALP's
@@ -44,8 +44,30 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
+    """Linear(dim, mult dim) -> GELU -> Linear(mult dim, dim): sm4's earlier encoder feed-forward."""
+
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__(nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+
+class GEGLU(nn.Module):
+    """(..., 2h) -> (..., h): the first half times GELU of the second (Shazeer's GLU variant)."""
+
+    def forward(self, x):
+        value, gate = x.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class GEGLUFeedForward(nn.Sequential):
+    """Linear(dim, 2 mult dim) -> GEGLU -> Linear(mult dim, dim): the Perceiver code's feed-forward,
+    which the papers' encoder uses (C = 64: Linear(64, 512) -> GEGLU -> Linear(256, 64))."""
+
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__(nn.Linear(dim, 2 * dim * mult), GEGLU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+
+def encoder_feed_forward(kind: str, dim: int, mult: int) -> nn.Module:
+    return GEGLUFeedForward(dim, mult) if kind == "geglu" else FeedForward(dim, mult)
 
 
 class PerceiverEncoder(nn.Module):
@@ -59,10 +81,12 @@ class PerceiverEncoder(nn.Module):
         self.latents = nn.Parameter(torch.randn(config.latent_tokens, width) * 0.02)
         self.norm_latents, self.norm_inputs = nn.LayerNorm(width), nn.LayerNorm(input_dim)
         self.cross_attn = Attention(width, input_dim, config.cross_heads, config.cross_head_dim)
-        self.norm_ff1, self.ff1 = nn.LayerNorm(width), FeedForward(width, config.encoder_ff_mult)
+        self.norm_ff1 = nn.LayerNorm(width)
+        self.ff1 = encoder_feed_forward(config.encoder_ff, width, config.encoder_ff_mult)
         self.norm_self = nn.LayerNorm(width)
         self.self_attn = Attention(width, width, config.latent_heads, config.latent_head_dim)
-        self.norm_ff2, self.ff2 = nn.LayerNorm(width), FeedForward(width, config.encoder_ff_mult)
+        self.norm_ff2 = nn.LayerNorm(width)
+        self.ff2 = encoder_feed_forward(config.encoder_ff, width, config.encoder_ff_mult)
 
     def forward(self, tokens):
         """tokens (B, n, input_dim) -> latents (B, N, C)."""
@@ -72,6 +96,25 @@ class PerceiverEncoder(nn.Module):
         normed = self.norm_self(latents)
         latents = latents + self.self_attn(normed, normed)
         return latents + self.ff2(self.norm_ff2(latents))
+
+
+def make_tokenizer(config: ModelConfig, modalities) -> Tokenizer:
+    return Tokenizer(modalities, config.num_freq_bands, config.max_freq, config.freq_schedule, config.freq_base,
+                     config.patch_size, bands=config.freq_bands, max_freqs=config.max_freqs, layout=config.token_layout)
+
+
+def dense_shape(config: ModelConfig, sparse_ffn: bool) -> tuple[int, int]:
+    """(FFN hidden width, depth) of the encoder layers. Sparse FFN: (H, depth). A dense FFN
+    (``dense_kind``): "equal_ffn" (top_k * H in one layer: the sparse FFN's FLOPs per token),
+    "double_depth" (the papers' Dense Model 1: H, 2 x depth: the FLOPs of top_k = 2 experts in
+    attention and FFN), "wide" (the papers' Dense Model 2: 4 H)."""
+    if sparse_ffn:
+        return config.ffn_hidden, config.depth
+    if config.dense and config.dense_kind == "double_depth":
+        return config.ffn_hidden, 2 * config.depth
+    if config.dense and config.dense_kind == "wide":
+        return 4 * config.ffn_hidden, config.depth
+    return config.ffn_hidden * config.top_k, config.depth
 
 
 class SM4Model(nn.Module):
@@ -86,8 +129,7 @@ class SM4Model(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.tokenizer = Tokenizer(modalities, config.num_freq_bands, config.max_freq, config.freq_schedule,
-                                   config.freq_base, config.patch_size)
+        self.tokenizer = make_tokenizer(config, modalities)
         self.modality_names = list(modalities)
         self.tasks = {name: tuple(mods) for name, (mods, _) in tasks.items()}
         for task, mods in self.tasks.items():
@@ -97,8 +139,7 @@ class SM4Model(nn.Module):
         self.encoder = PerceiverEncoder(self.tokenizer.width, config)
         sparse_attention = config.sparse_attention and not config.dense
         sparse_ffn = config.sparse_ffn and not config.dense
-        # A dense FFN of equal FLOPs per token: top_k experts' hidden width in one layer.
-        ffn_hidden = config.ffn_hidden if sparse_ffn else config.ffn_hidden * config.top_k
+        ffn_hidden, depth = dense_shape(config, sparse_ffn)
         num_routers = {"shared": 1, "modality": len(self.modality_names), "task": len(self.tasks)}[config.router_mode]
         self.layers = nn.ModuleList(
             SM4EncoderLayer(config.width, config.heads, dim_feedforward=ffn_hidden, dropout=config.dropout,
@@ -106,12 +147,13 @@ class SM4Model(nn.Module):
                             noise_std=config.noise_std, balance_loss_weight=config.balance_loss_weight,
                             sparse_attention=sparse_attention, sparse_ffn=sparse_ffn, num_routers=num_routers,
                             backend=config.backend)
-            for _ in range(config.depth)
+            for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(config.width)
+        head_tokens = 1 if config.head_pool == "mean" else config.latent_tokens
         self.heads = nn.ModuleDict({
             task: nn.Sequential(
-                nn.Flatten(), nn.Linear(len(mods) * config.latent_tokens * config.width, outputs),
+                nn.Flatten(), nn.Linear(len(mods) * head_tokens * config.width, outputs),
                 nn.BatchNorm1d(outputs) if config.head_batch_norm else nn.Identity(),
             )
             for task, (mods, outputs) in tasks.items()
@@ -191,5 +233,7 @@ class SM4Model(nn.Module):
         # Head input in the task's modality order, zeros for modalities left out by `keep`.
         n = self.config.latent_tokens
         slots = {name: x[:, i * n:(i + 1) * n] for i, name in enumerate(used)}
-        full = torch.cat([slots.get(name, x.new_zeros(x.shape[0], n, x.shape[2])) for name in mods], dim=1)
-        return self.heads[task](full)
+        full = [slots.get(name, x.new_zeros(x.shape[0], n, x.shape[2])) for name in mods]
+        if self.config.head_pool == "mean":  # one token per modality: the papers' M*C head inputs
+            full = [slot.mean(dim=1, keepdim=True) for slot in full]
+        return self.heads[task](torch.cat(full, dim=1))

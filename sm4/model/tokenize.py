@@ -61,12 +61,24 @@ class Tokenizer(torch.nn.Module):
     """Turns each modality's batch into tokens of one common width (no parameters).
 
     modalities: {name: (kind, per-sample shape)} in a fixed order (that order is the one-hot code
-    and the modality id). Token width = max feature width + max axes * (2 * bands + 1) + M.
+    and the modality id). num_bands / max_freq: the Fourier code's defaults; ``bands`` and
+    ``max_freqs`` ({modality: value}) override them per modality (the papers: 3 bands for the
+    affect modalities). layout:
+
+    - "separate" (sm4's earlier layout): ``[features, zeros to the widest features, position code
+      padded to the widest position code, one-hot]``; width = max features + max position width + M.
+    - "packed" (the papers' / HighMMT's): ``[features, zeros, position code, one-hot]`` where the
+      zeros fill up to the widest (features + position code) of all modalities; width =
+      max(features_m + axes_m * (2 B_m + 1)) + M. Narrower: the papers' token width.
     """
 
     def __init__(self, modalities: dict[str, tuple[str, tuple[int, ...]]], num_bands: int, max_freq: float,
-                 schedule: str = "logspace", base: float = 2.0, patch_size: int = 1):
+                 schedule: str = "logspace", base: float = 2.0, patch_size: int = 1, *, bands: dict | None = None,
+                 max_freqs: dict | None = None, layout: str = "separate"):
         super().__init__()
+        if layout not in ("separate", "packed"):
+            raise ValueError(f"layout must be 'separate' or 'packed', got {layout!r}")
+        self.layout = layout
         self.names = list(modalities)
         self.kinds = {name: kind for name, (kind, _) in modalities.items()}
         for name, kind in self.kinds.items():
@@ -77,11 +89,25 @@ class Tokenizer(torch.nn.Module):
         for name, (kind, shape) in modalities.items():
             features = shape[-1] * (patch_size**2 if kind == "image" else patch_size**3 if kind == "video" else 1)
             self.feature_widths[name] = features
+        bands, max_freqs = bands or {}, max_freqs or {}
+        self.bands = {name: int(bands.get(name, num_bands)) for name in self.names}
+        self.position_widths = {name: KINDS[kind] * (2 * self.bands[name] + 1) for name, kind in self.kinds.items()}
         self.max_features = max(self.feature_widths.values())
         self.max_axes = max(KINDS[kind] for kind in self.kinds.values())
-        self.position_width = self.max_axes * (2 * num_bands + 1)
-        self.register_buffer("freqs", frequencies(num_bands, max_freq, schedule, base), persistent=False)
-        self.width = self.max_features + self.position_width + len(self.names)
+        self.position_width = max(self.position_widths.values())
+        for index, name in enumerate(self.names):  # buffers by index: modality names may hold dots
+            freqs = frequencies(self.bands[name], float(max_freqs.get(name, max_freq)), schedule, base)
+            self.register_buffer(f"freqs_{index}", freqs, persistent=False)
+        if layout == "packed":
+            self.data_width = max(self.feature_widths[n] + self.position_widths[n] for n in self.names)
+        else:
+            self.data_width = self.max_features + self.position_width
+        self.width = self.data_width + len(self.names)
+
+    @property
+    def freqs(self) -> torch.Tensor:
+        """The first modality's frequencies (every modality's when none is overridden)."""
+        return self.freqs_0
 
     def modality_id(self, name: str) -> int:
         return self.names.index(name)
@@ -96,15 +122,15 @@ class Tokenizer(torch.nn.Module):
         batch, count, features = tokens.shape
         if features != self.feature_widths[name]:
             raise ValueError(f"modality {name!r}: expected {self.feature_widths[name]} features per token, got {features}")
+        index = self.modality_id(name)
         positions = grid_positions(grid).to(x.device)  # (n, axes)
-        encoded = fourier_encode(positions, self.freqs)  # (n, axes * (2B + 1))
-        pad_position = self.position_width - encoded.shape[1]
+        encoded = fourier_encode(positions, getattr(self, f"freqs_{index}"))  # (n, axes * (2B + 1))
+        encoded = encoded.to(x.dtype).expand(batch, -1, -1)
         onehot = torch.zeros(len(self.names), dtype=x.dtype, device=x.device)
-        onehot[self.modality_id(name)] = 1
-        parts = [
-            tokens,
-            tokens.new_zeros(batch, count, self.max_features - features),
-            torch.nn.functional.pad(encoded, (0, pad_position)).to(x.dtype).expand(batch, -1, -1),
-            onehot.expand(batch, count, -1),
-        ]
-        return torch.cat(parts, dim=-1)
+        onehot[index] = 1
+        if self.layout == "packed":
+            middle = [tokens.new_zeros(batch, count, self.data_width - features - encoded.shape[-1]), encoded]
+        else:
+            middle = [tokens.new_zeros(batch, count, self.max_features - features),
+                      torch.nn.functional.pad(encoded, (0, self.position_width - encoded.shape[-1]))]
+        return torch.cat([tokens, *middle, onehot.expand(batch, count, -1)], dim=-1)

@@ -1,6 +1,7 @@
 """The multi-task training loop of SM4 (SM4_SPEC §3).
 
-Each optimiser step takes one batch of every task (smaller tasks cycle); the loss is the sum of
+Each optimiser step takes one batch of every task (``TrainConfig.epoch_schedule``, see
+``sm4.training.schedule``: smaller tasks cycle, or each sample once per epoch); the loss is the sum of
 the weighted task losses and every sparse module's balancing loss; one Adam step. After each
 epoch: validation (each task's loss and metric), AEA (per-modality k from each modality's
 validation loss with only that modality kept), ALP (per-modality gradient weights from the
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from .._io import write_atomically
 from ..modules import SparseMoEModule, collect_aux_loss
-from . import distributed
+from . import distributed, schedule
 from .adaptive import AdaptiveExpertAllocation, AdaptiveLearningPace, modality_validation_loss
 
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
@@ -94,8 +95,9 @@ class Trainer:
         for task in tasks or self.tasks:
             # Training drops a last partial batch (a batch of one breaks the heads' BatchNorm),
             # unless the split is smaller than one batch.
-            drop_last = shuffle and len(self.data.splits[task][split]) >= self.config.batch_size
-            loaders[task] = task_loader(self.data, task, split, self.config.batch_size, shuffle=shuffle,
+            batch_size = schedule.task_batch_size(self.config, task)
+            drop_last = shuffle and len(self.data.splits[task][split]) >= batch_size
+            loaders[task] = task_loader(self.data, task, split, batch_size, shuffle=shuffle,
                                         generator=self.shuffle if shuffle else None, drop_last=drop_last)
         return loaders
 
@@ -114,25 +116,20 @@ class Trainer:
     def train_epoch(self) -> tuple[float, float]:
         self.model.train()
         loaders = self._loaders("train", shuffle=True)
-        steps = max(len(loader) for loader in loaders.values())
-        iterators = {task: iter(loader) for task, loader in loaders.items()}
+        steps = schedule.steps_per_epoch(loaders)
+        stream = schedule.epoch_batches(loaders, self.config.epoch_schedule)
         total = aux_total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
         bar = _progress(range(steps), f"epoch {self.epoch + 1}/{self.config.epochs}", self.progress and distributed.rank() == 0)
-        for _ in bar:
+        for _, step_batches in zip(bar, stream):
             self.optimizer.zero_grad(set_to_none=True)
             loss = 0.0
             aux = 0.0
-            for task in self.tasks:
-                try:
-                    batch = next(iterators[task])
-                except StopIteration:  # smaller tasks cycle
-                    iterators[task] = iter(loaders[task])
-                    batch = next(iterators[task])
+            for task, batch in step_batches:
                 batch, fraction = distributed.share(batch)  # this process's rows (all of them alone)
                 inputs, target = self._to_device(batch)
                 spec = self.data.tasks[task]
                 output = self.model(task, inputs)
-                weight = spec.train_weight * fraction
+                weight = schedule.task_train_weight(self.config, task, spec.train_weight) * fraction
                 if self.config.alp and self.config.alp_mode == "loss":
                     weight *= self.alp.task_loss_scale(self.task_modalities[task])
                 loss = loss + weight * task_loss(spec.kind, output, target)
@@ -176,7 +173,7 @@ class Trainer:
         for task, values in results.items():
             spec = self.data.tasks[task]
             sign = 1.0 if HIGHER_IS_BETTER[spec.metric] else -1.0
-            total += spec.eval_weight * sign * values[spec.metric]
+            total += schedule.task_eval_weight(self.config, task, spec.eval_weight) * sign * values[spec.metric]
         return total
 
     def _modality_losses(self) -> dict[str, float]:
