@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .._io import write_atomically
 from ..modules import SparseMoEModule, collect_aux_loss
 from . import distributed
-from .adaptive import AdaptiveExpertAllocation, AdaptiveLearningPace, modality_validation_loss
+from .expert_allocation import AdaptiveExpertAllocation, modality_validation_loss
+from .learning_pace import AdaptiveLearningPace
 
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
 
