@@ -154,3 +154,22 @@ def test_plots_label_their_axes_and_share_one_colour_scale(data, tmp_path, monke
     images = [image for axis in figures[1].axes for image in axis.images]
     assert len(images) == 4 and {image.get_clim() for image in images} == {(0.0, 1.0)}
     assert len(figures[1].axes) == 5  # four panels and the colour bar
+
+
+def test_the_demo_plots_the_whole_runs(data, tmp_path, monkeypatch):
+    import argparse
+
+    import sm4.data
+    from sm4 import demo
+    from sm4.training import plots
+
+    monkeypatch.setattr(sm4.data, "load_bundled", lambda: data)
+    plotted = {}
+    monkeypatch.setattr(plots, "plot_runs", lambda histories, metrics, path: plotted.update(histories))
+    monkeypatch.setattr(plots, "plot_expert_usage", lambda *args: None)
+    monkeypatch.setattr(Trainer, "score", lambda self, results: -len(self.history))  # epoch 1 is the best
+    setting = tmp_path / "tiny.json"
+    tiny_setting().save(str(setting))
+    demo.run_main_job(argparse.Namespace(setting=str(setting), epochs=3, out=str(tmp_path / "demo")))
+    assert {label: [e["epoch"] for e in history] for label, history in plotted.items()} == {"SM4": [1, 2, 3],
+                                                                                         "dense": [1, 2, 3]}
