@@ -46,11 +46,6 @@ def main(argv=None):
             raise
         print(f"\n{experiment.interrupted_message(args)}", file=sys.stderr)
         return 130
-    except SystemExit as exit_:  # a message-carrying exit (e.g. a missing optional package)
-        if debug or not isinstance(exit_.code, str):
-            raise
-        print(f"{parser.prog} {args.command}: error: {' '.join(exit_.code.split())}", file=sys.stderr)
-        return 2
     except Exception as error:  # noqa: BLE001 - every error becomes one line (or a traceback with --debug)
         if debug:
             raise
