@@ -212,7 +212,9 @@ def run_train(args) -> int:
     def started(epoch):
         if lead:
             write_text_atomically(os.path.join(args.out, "data.json"), json.dumps(source, indent=2) + "\n")
-            if epoch:
+            if epoch >= setting.train.epochs:
+                print(f"{args.out} has finished its {epoch} epochs: evaluating its best.pt (--epochs N extends it)")
+            elif epoch:
                 print(f"resuming {args.out} from epoch {epoch} of {setting.train.epochs}")
 
     model, trainer, test = train(setting, data, args.out, progress=not args.quiet, resume=not args.no_resume,
