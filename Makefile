@@ -3,14 +3,16 @@
 #   make test   # the same set-up, then the whole test suite and a smoke run of the benchmarks
 #
 # torch: if the Python that runs make already imports a CUDA torch, the environment reuses it
-# (created with --system-site-packages); otherwise it gets the pinned CPU build $(TORCH_PIN).
-# Never an unpinned torch: that pulls the newest CUDA build, gigabytes.
+# (created with --system-site-packages); otherwise it gets the CPU build torch==$(TORCH_VERSION)+cpu:
+# from PyTorch's CPU wheel index where that answers, else from pip's configured sources (a local
+# wheel folder); .ci/torch_wheel.py chooses and says why. Never a plain torch==X from PyPI: that
+# is the CUDA build, gigabytes of nvidia-* packages.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-TORCH_PIN ?= torch==2.13.0
+TORCH_VERSION ?= 2.13.0
 # Supported: triton >= 3.6 (the GPU machines have 3.6). A fresh environment gets the version
 # this package is tested with here.
 TRITON_PIN ?= triton==3.9.0
@@ -45,7 +47,8 @@ $(VENV)/.deps: Makefile
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	$(PIP) install --progress-bar off $(TOOLS) $(DATA_TOOLS)
-	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install --progress-bar off $(TORCH_PIN)
+	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install --progress-bar off \
+		$$($(PYTHON) .ci/torch_wheel.py --explain --version $(TORCH_VERSION))
 	@$(PY) -c 'import triton' 2>/dev/null || $(PIP) install --progress-bar off $(TRITON_PIN)
 	touch $@
 

@@ -31,11 +31,23 @@ try:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as error:  # pragma: no cover - only hit on a machine without torch
     raise SystemExit(
-        "sm4 builds against an installed torch; install it first (e.g. `pip install torch==2.13.0` "
-        "for the CPU build) and then `pip install --no-build-isolation -e .`, or run `make demo`."
+        "sm4 builds against an installed torch; install it first (the CPU build: `pip install torch==2.13.0+cpu "
+        "--index-url https://download.pytorch.org/whl/cpu`) and then `pip install --no-build-isolation -e .`, "
+        "or run `make demo`."
     ) from error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# What the package imports besides torch and triton (tests/test_install.py checks the list
+# against the imports in sm4/ and kernels/).
+RUNTIME_REQUIRES = ["numpy", "tqdm"]
+EXTRAS = {
+    "plots": ["matplotlib"],                     # the demo's and `report run`'s PNGs
+    "multibench": ["h5py", "Pillow"],            # PUSH and V&T (HDF5), ENRICO's images
+    "yaml": ["pyyaml"],                          # YAML setting files
+    "data": ["scikit-learn==1.9.1", "mnist1d==0.0.2.post1"],  # regenerating the bundled benchmark
+    "test": ["pytest", "pytest-benchmark", "hypothesis"],
+}
 
 
 def _flag(name):
@@ -110,9 +122,10 @@ setup(
     package_data={"sm4.data": ["*.npz"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
-    # torch and triton are installed by the Makefile (torch pinned, see README): listing torch
-    # here would let pip replace a working torch with the newest CUDA build.
-    install_requires=["numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    # torch and triton are installed first (see README): listing torch here would let pip replace a
+    # working torch with the newest CUDA build. Everything else `python -m sm4` imports is here;
+    # the optional parts are extras, and each says which one it needs when it is missing.
+    install_requires=RUNTIME_REQUIRES,
+    extras_require=EXTRAS,
     zip_safe=False,
 )

@@ -1,9 +1,18 @@
 """Atomic file writes: the content goes to a temporary file in the target's folder, which then
-replaces the target in one rename, so a reader (or a crash) never sees half a file."""
+replaces the target in one rename, so a reader (or a crash) never sees half a file. The file gets
+the mode an ordinary ``open(path, "w")`` would give it (0666 less the user's umask), not the
+private 0600 of a temporary file."""
 
 import os
 import tempfile
 from collections.abc import Callable
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
@@ -14,6 +23,7 @@ def write_atomically(path: str, write: Callable[[str], None], suffix: str = ".tm
         temporary = handle.name
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -36,7 +46,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise SystemExit("plots need matplotlib (pip install matplotlib)") from error
+        raise ImportError('plots need matplotlib: pip install "sm4[plots]" (or pip install matplotlib)') from error
     return plt
 
 

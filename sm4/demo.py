@@ -47,10 +47,15 @@ def run_main_job(args):
     from . import experiment
     from .data import load_bundled
     from .model import get_setting
+    from .training import machine
     from .training.plots import plot_runs
+    from .training.run_folder import read_log
 
     data = load_bundled()
-    print(f"sm4 {sm4.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads\n{data.description}\n")
+    print(f"sm4 {sm4.__version__}, torch {torch.__version__}; machine: {machine.describe()}\n{data.description}\n")
+    warning = machine.oversubscription_warning()
+    if warning:
+        print(warning)
     setting = get_setting(args.setting)
     setting.train.epochs = args.epochs
     runs = {}
@@ -60,7 +65,8 @@ def run_main_job(args):
             chosen.model.dense, chosen.model.dense_kind, chosen.train.aea, chosen.train.alp = True, "double_depth", False, False
             print("baseline: the papers' Dense Model 1 (dense layers of double depth: SM4's FLOPs)")
         start = time.perf_counter()
-        model, trainer, test = experiment.train(chosen, data, os.path.join(args.out, label.lower()), resume=False)
+        model, trainer, test = experiment.train(chosen, data, os.path.join(args.out, label.lower()), resume=False,
+                                                console=experiment.epoch_console)
         runs[label] = {"test": test, "trainer": trainer, "params": experiment.parameter_counts(model, data),
                        "flops": experiment.inference_flops(model, data), "seconds": time.perf_counter() - start}
         print(f"{label}: trained {chosen.train.epochs} epochs in {runs[label]['seconds']:.0f} s (best epoch {trainer.best_epoch})")
@@ -74,8 +80,10 @@ def run_main_job(args):
     delta = experiment.relative_delta(data, runs["SM4"]["test"], runs["dense"]["test"])
     print(f"\nΔ (SM4 vs dense, mean relative improvement, sign flipped for MSE): {delta:+.2f} %")
     print(f"k per modality chosen by AEA: {runs['SM4']['trainer'].aea.k}")
+    print(f"machine at the end: {machine.describe()}")
     plot_path = os.path.join(args.out, "curves.png")
-    plot_runs({label: r["trainer"].history for label, r in runs.items()},
+    # the whole runs from their logs (the trainers hold the best epoch's checkpoint, history up to it)
+    plot_runs({label: read_log(os.path.join(args.out, label.lower())) for label in runs},
               {task: spec.metric for task, spec in data.tasks.items()}, plot_path)
     from .training.plots import plot_expert_usage
 

@@ -3,10 +3,12 @@ a dense model of equal FLOPs; and the command lines ``python -m sm4 train`` / ``
 
     python -m sm4 train --setting medium --epochs 10 --out runs/sm4      # AEA and ALP on
     python -m sm4 train --setting medium --dense --out runs/dense        # the dense baseline
-    python -m sm4 eval runs/sm4/best.pt                                  # test-set table
+    python -m sm4 eval runs/sm4/best.pt --json                           # test-set results
+    python -m sm4 train --data multibench:/data/multibench --tasks avmnist mimic --out runs/mb
     torchrun --nproc-per-node 2 -m sm4 train --out runs/ddp              # data-parallel (gloo on CPU)
 """
 
+import json
 import os
 
 import torch
@@ -43,23 +45,38 @@ def parameter_counts(model, data) -> dict[str, int]:
     return {task: shared + sum(p.numel() for p in model.heads[task].parameters()) for task in data.tasks}
 
 
-def train(setting, data, out_dir: str, progress: bool = True, resume: bool = True, device: str = "cpu"):
-    """Train, then evaluate the best epoch on the test split. Returns (model, trainer, test results)."""
+def train(setting, data, out_dir: str, progress: bool = True, resume: bool = True, device: str = "cpu",
+          console=None, on_start=None):
+    """Train, then evaluate the best epoch on the test split. Returns (model, trainer, test results).
+
+    The run folder is locked while this runs (a second writer gets RunFolderBusy); resume: continue
+    from ``last.pt`` if it can be (ResumeMismatch, naming the differences, if not). ``setting.json``
+    is written only once the run is known to start. on_start(epoch): called then too (0: fresh).
+    console: one line per epoch (see Trainer).
+    """
+    from contextlib import nullcontext
+
+    from .training import distributed
+    from .training.run_folder import locked
     from .training.trainer import Trainer
 
     torch.manual_seed(setting.train.seed)
     model = build_model(setting, data)
-    from .training import distributed
+    trainer = Trainer(model, data, setting.train, out_dir, progress=progress, device=device, console=console)
 
-    os.makedirs(out_dir, exist_ok=True)
-    if distributed.rank() == 0:  # one writer under torchrun
-        setting.save(os.path.join(out_dir, "setting.json"))
-    trainer = Trainer(model, data, setting.train, out_dir, progress=progress, device=device)
-    trainer.fit(resume=resume)
-    best = os.path.join(out_dir, "best.pt")
-    if os.path.exists(best):
-        trainer.load_checkpoint(best)
-    return model, trainer, trainer.evaluate("test")
+    def started(epoch):
+        if distributed.rank() == 0:  # one writer under torchrun
+            setting.save(os.path.join(out_dir, "setting.json"))
+        if on_start is not None:
+            on_start(epoch)
+
+    with locked(out_dir) if distributed.rank() == 0 else nullcontext():
+        trainer.fit(resume=resume, on_start=started)
+        distributed.barrier()  # process 0 has written the last best.pt
+        best = os.path.join(out_dir, "best.pt")
+        if os.path.exists(best):
+            trainer.load_checkpoint(best)
+        return model, trainer, trainer.evaluate("test")
 
 
 def relative_delta(data, ours: dict, baseline: dict) -> float:
@@ -75,6 +92,29 @@ def relative_delta(data, ours: dict, baseline: dict) -> float:
 
 # ---- command lines ----------------------------------------------------------------------------
 
+DATA_HELP = ("bundled (default: the benchmark shipped with sm4), a bundled-format .npz file, or multibench:ROOT "
+             "for MultiBench's published files under ROOT (with --tasks to choose them)")
+
+MULTIBENCH_DOWNLOAD = (
+    "download the tasks' files as MultiBench publishes them (https://github.com/pliang279/MultiBench, its README "
+    "links each dataset) and put each task in its own folder under ROOT: avmnist/, enrico/, push/, vt/, urfunny/, "
+    "mosei/, mimic/ (the files each folder holds: python -c \"import sm4.data.multibench as m; help(m)\"); "
+    "--tasks chooses the ones you have")
+
+DENSE_NOTE = "--dense: AEA and ALP are off (the dense model has no experts to allocate and no routers to pace)"
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def _setting_from_args(args):
     setting = get_setting(args.setting)
@@ -88,7 +128,10 @@ def _setting_from_args(args):
         setting.train.alp = False
     if args.alp_mode:
         setting.train.alp_mode = args.alp_mode
-    setting.model.dense = args.dense or setting.model.dense
+    if args.dense:
+        setting.model.dense = True
+    if setting.model.dense:  # AEA/ALP act on experts and routers the dense model does not have
+        setting.train.aea = setting.train.alp = False
     if args.without_smoa:
         setting.model.sparse_attention = False
     if args.without_smoe:
@@ -100,40 +143,134 @@ def _setting_from_args(args):
     return setting.validate()
 
 
-def _load_data(path):
+def data_source(spec: str | None, tasks: list[str] | None) -> dict:
+    """The --data/--tasks choice as stored in a run folder's data.json: {"data": ..., "tasks": ...}."""
+    spec = spec or "bundled"
+    if tasks and not spec.startswith("multibench:"):
+        raise ValueError("--tasks chooses MultiBench tasks: use it with --data multibench:ROOT")
+    if spec.startswith("multibench:"):
+        spec = "multibench:" + os.path.abspath(os.path.expanduser(spec.split(":", 1)[1] or "."))
+    elif spec != "bundled":
+        spec = os.path.abspath(spec)
+    return {"data": spec, "tasks": list(tasks) if tasks else None}
+
+
+def load_data(source: dict):
+    """The MultiTaskData a data_source names."""
+    spec, tasks = source["data"], source.get("tasks")
+    if spec.startswith("multibench:"):
+        from .data import load_multibench
+
+        root = spec.split(":", 1)[1]
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"MultiBench root {root!r} not found: {MULTIBENCH_DOWNLOAD}")
+        try:
+            return load_multibench(root, tasks=tasks)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error}; {MULTIBENCH_DOWNLOAD}") from error
     from .data import load_bundled
 
-    return load_bundled(path)
+    return load_bundled(None if spec == "bundled" else spec)
+
+
+def _check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r}: not a device ({error})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        reason = ("this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible")
+        raise ValueError(f"--device {device}: CUDA is not available ({reason}, torch {torch.__version__})")
+
+
+def epoch_console(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)  # above any progress bar still drawn
 
 
 def run_train(args) -> int:
-    from .training import distributed
+    from ._io import write_text_atomically
+    from .training import distributed, machine
 
+    _check_device(args.device)
     distributed.init_from_environment(args.device)  # under torchrun: one process per share of each batch
+    lead = distributed.rank() == 0
     setting = _setting_from_args(args)
-    data = _load_data(args.data)
+    source = data_source(args.data, args.tasks)
+    data = load_data(source)
+    if lead:
+        if setting.model.dense:
+            print(DENSE_NOTE)
+        warning = machine.oversubscription_warning()
+        if warning:
+            print(warning)
+        if distributed.active() and not _deterministic(setting):
+            print("data-parallel: router noise, dropout, the heads' BatchNorm and the balancing loss act per process, "
+                  "so this run is a different draw from a single-process one (README, Data-parallel)")
+
+    def started(epoch):
+        if lead:
+            write_text_atomically(os.path.join(args.out, "data.json"), json.dumps(source, indent=2) + "\n")
+            if epoch >= setting.train.epochs:
+                print(f"{args.out} has finished its {epoch} epochs: evaluating its best.pt (--epochs N extends it)")
+            elif epoch:
+                print(f"resuming {args.out} from epoch {epoch} of {setting.train.epochs}")
+
     model, trainer, test = train(setting, data, args.out, progress=not args.quiet, resume=not args.no_resume,
-                                 device=args.device)
-    if distributed.rank() == 0:
+                                 device=args.device, console=epoch_console if lead else None, on_start=started)
+    if lead:
         print(format_results(data, {"test": test}, trainer=trainer))
     distributed.finish()
     return 0
 
 
+def _deterministic(setting) -> bool:
+    model = setting.model
+    return (model.noise_std == 0 and model.dropout == 0 and not model.head_batch_norm
+            and (model.balance_loss_weight == 0 or model.dense))
+
+
+def interrupted_message(args) -> str:
+    """What Ctrl-C prints: where the run stands and how to continue it."""
+    from .training.run_folder import last_logged_epoch
+
+    if getattr(args, "command", None) != "train":
+        return "interrupted"
+    epoch = last_logged_epoch(args.out)
+    if not epoch:
+        return f"interrupted before the first epoch ended: nothing saved in {args.out}"
+    return (f"interrupted: {os.path.join(args.out, 'last.pt')} holds epoch {epoch}; "
+            "rerun the same command to resume from there")
+
+
 def run_eval(args) -> int:
+    from .model import Setting
     from .training.trainer import Trainer
 
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     setting_path = os.path.join(run_dir, "setting.json")
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"{args.checkpoint} not found")
     if not os.path.exists(setting_path):
-        raise SystemExit(f"{setting_path} not found: eval needs the setting.json that train wrote beside the checkpoint")
-    from .model import Setting
-
+        raise FileNotFoundError(f"{setting_path} not found: eval needs the setting.json that train wrote beside the checkpoint")
     setting = Setting.load(setting_path)
-    data = _load_data(args.data)
+    if args.data is None and os.path.exists(os.path.join(run_dir, "data.json")):
+        with open(os.path.join(run_dir, "data.json")) as handle:
+            source = json.load(handle)  # the data the run was trained on
+    else:
+        source = data_source(args.data, args.tasks)
+    data = load_data(source)
     trainer = Trainer(build_model(setting, data), data, setting.train, run_dir, progress=False)
     trainer.load_checkpoint(args.checkpoint)
-    print(format_results(data, {args.split: trainer.evaluate(args.split)}, trainer=trainer))
+    results = trainer.evaluate(args.split)
+    if args.json:
+        print(json.dumps({"checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "data": source,
+                          "epoch": trainer.epoch, "best_epoch": trainer.best_epoch,
+                          "metrics": {task: data.tasks[task].metric for task in results}, "results": results,
+                          "k": trainer.aea.k, "alp_weights": trainer.alp.weights}, indent=2))
+    else:
+        print(format_results(data, {args.split: results}, trainer=trainer))
     return 0
 
 
@@ -151,34 +288,43 @@ def format_results(data, results_by_split: dict, trainer=None) -> str:
 
 
 def add_parsers(subparsers) -> None:
-    train_parser = subparsers.add_parser("train", help="train SM4 (or an ablation) on a multi-task dataset")
+    train_parser = subparsers.add_parser(
+        "train", help="train SM4 (or an ablation) on a multi-task dataset",
+        description="Train into a run folder (--out). Rerunning the same command resumes from its last.pt; "
+                    "a larger --epochs extends the run (the lr schedule is rebuilt for the new length); any other "
+                    "change is refused: --no-resume starts over, or choose a new --out.")
     train_parser.add_argument("--setting", default="medium", help="small, medium, large, or a .json/.yaml setting file")
-    train_parser.add_argument("--data", default=None, help="bundled benchmark file (default: the one shipped with sm4)")
-    train_parser.add_argument("--out", required=True, help="run folder: log.jsonl, last.pt, best.pt, setting.json")
-    train_parser.add_argument("--epochs", type=int)
-    train_parser.add_argument("--batch-size", type=int)
+    train_parser.add_argument("--data", default=None, help=DATA_HELP)
+    train_parser.add_argument("--tasks", nargs="+", help="with --data multibench:ROOT: the tasks to train on "
+                              "(default: every task with files under ROOT)")
+    train_parser.add_argument("--out", required=True, help="run folder: log.jsonl, last.pt, best.pt, setting.json, data.json")
+    train_parser.add_argument("--epochs", type=_positive_int, help="epochs to train in all (default: the setting's, "
+                              "100 for the published ones); larger than a finished run's: extends it")
+    train_parser.add_argument("--batch-size", type=_positive_int)
     train_parser.add_argument("--lr", type=float)
     train_parser.add_argument("--seed", type=int)
     train_parser.add_argument("--no-aea", action="store_true", help="fixed k = k_max (no adaptive expert allocation)")
     train_parser.add_argument("--no-alp", action="store_true", help="no adaptive learning pace")
     train_parser.add_argument("--alp-mode", choices=["gradient", "loss"], help="ALP as per-token gradient scale or task-loss scale")
-    train_parser.add_argument("--dense", action="store_true", help="the dense model of equal FLOPs")
+    train_parser.add_argument("--dense", action="store_true", help="the dense model of equal FLOPs (AEA and ALP off)")
     train_parser.add_argument("--without-smoa", action="store_true", help="dense attention (ablation)")
     train_parser.add_argument("--without-smoe", action="store_true", help="dense FFN (ablation)")
     train_parser.add_argument("--router-mode", choices=["shared", "modality", "task"],
                               help="one router per expert group (SM4), or per modality / per task (ablations)")
     train_parser.add_argument("--backend", help="force an sm4 backend (reference, cpu, cuda, triton)")
     train_parser.add_argument("--device", default="cpu")
-    train_parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
-    train_parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_parser.add_argument("--no-resume", action="store_true",
+                              help="start over: the run folder's log and checkpoints are replaced")
+    train_parser.add_argument("--quiet", action="store_true", help="no progress bars (the line per epoch stays)")
     train_parser.set_defaults(func=run_train)
 
     eval_parser = subparsers.add_parser("eval", help="evaluate a checkpoint written by train")
     eval_parser.add_argument("checkpoint", help="best.pt or last.pt of a run folder")
-    eval_parser.add_argument("--data", default=None)
+    eval_parser.add_argument("--data", default=None, help=DATA_HELP + "; default: the data the run was trained on")
+    eval_parser.add_argument("--tasks", nargs="+", help="with --data multibench:ROOT: the tasks")
     eval_parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    eval_parser.add_argument("--json", action="store_true", help="the results as JSON")
     eval_parser.set_defaults(func=run_eval)
-
 
 
 @torch.no_grad()

@@ -12,6 +12,15 @@ its share of the batch (local rows / batch rows), so the summed gradient is the 
 whole batch's mean loss, whatever the shares' sizes. Validation, AEA and ALP decisions are made
 alike on every process (each evaluates the whole validation split; the ALP entropy sums are
 all-reduced), and only process 0 writes logs and checkpoints.
+
+Exactly the single-process gradient only where the forward of a row does not depend on the other
+rows or on random draws: no router noise (``noise_std=0``), no dropout, no BatchNorm in the heads
+(``head_batch_norm=False``) and no balancing loss (``balance_loss_weight=0``); then whole epochs
+match a single process (tests/test_distributed.py). The published settings have all four: each
+process draws its own noise and dropout (its own stream, seeded by seed, epoch and rank), its
+heads' BatchNorm normalises over its share of the batch, and the balancing loss's CV² sees its
+own tokens. Such a run is as valid as a single-process one but not the same draw: after an epoch
+its validation numbers differ from a single-process run's as two seeds' do.
 """
 
 import os
@@ -66,6 +75,12 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(tensor)
     return tensor
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for alone)."""
+    if active():
+        dist.barrier()
 
 
 def finish() -> None:

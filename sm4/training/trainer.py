@@ -8,22 +8,30 @@ validation loss with only that modality kept), ALP (per-modality gradient weight
 epoch's mean routing entropy), a JSON-lines log entry, and checkpoints written atomically
 (``last.pt`` every epoch, ``best.pt`` at the best epoch by Σ eval_weight · metric, with the sign
 flipped for lower-is-better metrics). ``fit(resume=True)`` continues from ``last.pt`` exactly:
-model, optimiser, scheduler, AEA/ALP state, and the RNG states (router noise, dropout, shuffling).
+model, optimiser, AEA/ALP state, and the RNG states (router noise, dropout, shuffling); the
+learning-rate schedule is rebuilt for the configured number of epochs and brought to the
+checkpoint's epoch, so extending a run (more epochs) continues its schedule over the new length.
+A checkpoint trained with another configuration is refused (``run_folder.check_resumable``); a
+fresh start empties the folder's log and removes its old checkpoints.
 """
 
+import dataclasses
 import json
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .._io import write_atomically
+from .._io import write_atomically, write_text_atomically
 from ..modules import SparseMoEModule, collect_aux_loss
 from . import distributed, schedule
-from .adaptive import AdaptiveExpertAllocation, AdaptiveLearningPace, modality_validation_loss
+from .expert_allocation import AdaptiveExpertAllocation, modality_validation_loss
+from .learning_pace import AdaptiveLearningPace
+from .run_folder import ResumeMismatch, check_resumable
 
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
 
@@ -63,18 +71,23 @@ class EpochLog:
 class Trainer:
     """Trains an SM4Model on a MultiTaskData (sm4.data) with a Setting's TrainConfig.
 
-    out_dir receives ``log.jsonl``, ``last.pt`` and ``best.pt``. progress: tqdm bars.
+    out_dir receives ``log.jsonl``, ``last.pt`` and ``best.pt``. progress: tqdm bars (training
+    steps, validation, AEA's passes). console: called with one line per epoch (train loss,
+    validation metrics, k and ALP weight per modality), e.g. ``print``; None: silent.
     """
 
-    def __init__(self, model, data, train_config, out_dir: str, progress: bool = True, device: str | torch.device = "cpu"):
+    def __init__(self, model, data, train_config, out_dir: str, progress: bool = True, device: str | torch.device = "cpu",
+                 console=None):
         train_config.validate()
         self.model, self.data, self.config = model.to(device), data, train_config
         self.out_dir, self.progress, self.device = out_dir, progress, torch.device(device)
+        self.console = console if distributed.rank() == 0 else None
         self.tasks = list(data.tasks)
         self.task_modalities = {task: list(spec.modalities) for task, spec in data.tasks.items()}
+        # found once: walking model.modules() after every forward costs more than the small models' layers
+        self.sparse_modules = [m for m in model.modules() if isinstance(m, SparseMoEModule)]
         self.optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=train_config.epochs)
-                          if train_config.cosine else None)
+        self.scheduler = self._make_scheduler()
         modalities = list(model.modality_names)
         # literal_clamp=False: "revert" undoes only a growth that happened (a plateau at k_max does
         # not grow, so a second one freezes the modality at k_max instead of dropping it below).
@@ -85,6 +98,29 @@ class Trainer:
         self.best_score, self.best_epoch = -math.inf, 0
         self.history: list[dict] = []
         self._apply_adaptive_state()
+
+    def _make_scheduler(self):
+        """The epoch-wise learning-rate schedule for ``config.epochs`` epochs (None: constant lr)."""
+        if not self.config.cosine:
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.config.epochs)
+
+    def _rebuild_scheduler(self, epoch: int) -> None:
+        """The schedule for ``config.epochs`` brought to ``epoch``: from the base lr, ``epoch`` steps
+        (the same float operations the run took, so a plain resume is bit-identical)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = self.config.lr
+        self.scheduler = self._make_scheduler()
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(epoch):
+                self.scheduler.step()
+
+    def configuration(self) -> dict:
+        """What a checkpoint must have been trained with to be resumed: {"model": ..., "train": ...}."""
+        return {"model": dataclasses.asdict(self.model.config), "train": dataclasses.asdict(self.config)}
 
     # ---- one epoch ----------------------------------------------------------------------------
 
@@ -107,18 +143,24 @@ class Trainer:
 
     def _record_entropy(self):
         ids = self.model.last_token_modality
-        for module in self.model.modules():
-            if isinstance(module, SparseMoEModule):
-                for stats in module.routing_stats.values():
-                    if stats["entropy"].shape == ids.shape:
-                        self.alp.add(stats["entropy"], ids)
+        for module in self.sparse_modules:
+            for stats in module.routing_stats.values():
+                if stats["entropy"].shape == ids.shape:
+                    self.alp.add(stats["entropy"], ids)
 
     def train_epoch(self) -> tuple[float, float]:
         self.model.train()
         loaders = self._loaders("train", shuffle=True)
         steps = schedule.steps_per_epoch(loaders)
         stream = schedule.epoch_batches(loaders, self.config.epoch_schedule)
-        total = aux_total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, at the end
+        # two accumulators, read once at the end (one tensor bound to both names summed the aux loss into the task loss)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if distributed.world_size() > 1:
+            # Each process its own stream of router noise and dropout for its rows (alike they would
+            # repeat one draw on different rows), from the seed, the epoch and the rank: a resume
+            # continues it. The shuffle generator stays common: every process draws the same batches.
+            torch.manual_seed((self.config.seed * 1_000_003 + self.epoch) * 1009 + distributed.rank())
         bar = _progress(range(steps), f"epoch {self.epoch + 1}/{self.config.epochs}", self.progress and distributed.rank() == 0)
         for _, step_batches in zip(bar, stream):
             self.optimizer.zero_grad(set_to_none=True)
@@ -133,7 +175,7 @@ class Trainer:
                 if self.config.alp and self.config.alp_mode == "loss":
                     weight *= self.alp.task_loss_scale(self.task_modalities[task])
                 loss = loss + weight * task_loss(spec.kind, output, target)
-                aux = aux + collect_aux_loss(self.model) / distributed.world_size()
+                aux = aux + self._aux_loss() / distributed.world_size()
                 self._record_entropy()
             total_loss = loss + aux
             total_loss.backward()
@@ -149,16 +191,23 @@ class Trainer:
         distributed.sum_(aux_total)
         return float(total) / steps, float(aux_total) / steps
 
+    def _aux_loss(self):
+        losses = [m.aux_loss for m in self.sparse_modules if m.aux_loss is not None]
+        if not losses:
+            return collect_aux_loss(self.model)  # a zero on the model's device
+        return torch.stack([loss.float() for loss in losses]).sum()
+
     @torch.no_grad()
-    def evaluate(self, split: str = "val", keep: dict[str, list[str]] | None = None, tasks=None) -> dict:
+    def evaluate(self, split: str = "val", keep: dict[str, list[str]] | None = None, tasks=None, label: str | None = None) -> dict:
         """{task: {"loss", metric name}} on a split (of ``tasks``, default all); keep: {task:
-        modalities} to drop the others' tokens."""
+        modalities} to drop the others' tokens. label: the progress bar's name (default: the split)."""
         self.model.eval()
         results = {}
+        show = self.progress and distributed.rank() == 0
         for task, loader in self._loaders(split, shuffle=False, tasks=tasks).items():
             spec = self.data.tasks[task]
             loss_sum = metric_sum = count = 0.0
-            for batch in loader:
+            for batch in _progress(loader, f"{label or split} {task}", show):
                 inputs, target = self._to_device(batch)
                 output = self.model(task, inputs, keep=None if keep is None else keep.get(task))
                 loss_sum += float(task_loss(spec.kind, output, target)) * target.shape[0]
@@ -184,7 +233,8 @@ class Trainer:
             if len(mods) == 1:  # only one modality: its loss is the task's
                 per_task[task] = {mods[0]: self._val[task]["loss"]}
                 continue
-            per_task[task] = {m: self.evaluate("val", keep={task: [m]}, tasks=[task])[task]["loss"] for m in mods}
+            per_task[task] = {m: self.evaluate("val", keep={task: [m]}, tasks=[task], label=f"AEA {m}")[task]["loss"]
+                              for m in mods}
         return modality_validation_loss(per_task, self.task_modalities)
 
     def _apply_adaptive_state(self):
@@ -193,10 +243,20 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def fit(self, resume: bool = True) -> list[dict]:
+    def fit(self, resume: bool = True, on_start=None) -> list[dict]:
+        """Train up to ``config.epochs``. resume: continue from ``last.pt`` if the folder has one
+        (ResumeMismatch if it cannot be continued, before anything is written); otherwise a fresh
+        start. on_start(epoch): called once the run is known to start, with the epoch it starts
+        from (0 for a fresh start), before the first epoch."""
         last = os.path.join(self.out_dir, "last.pt")
-        if resume and os.path.exists(last):
-            self.load_checkpoint(last)
+        resuming = resume and os.path.exists(last)
+        if resuming:
+            self.load_checkpoint(last, check=True)
+        distributed.barrier()  # every process decided (and read last.pt) before process 0 changes the folder
+        if distributed.rank() == 0:
+            self._start_log(resuming)
+        if on_start is not None:
+            on_start(self.epoch)
         while self.epoch < self.config.epochs:
             train_loss, aux_loss = self.train_epoch()
             self._val = self.evaluate("val")
@@ -221,11 +281,35 @@ class Trainer:
             if writer:
                 _append_jsonl(os.path.join(self.out_dir, "log.jsonl"), entry)
                 save_atomically(self.checkpoint(), last)
+            if self.console is not None:
+                self.console(self.epoch_line(entry))
         return self.history
+
+    def _start_log(self, resuming: bool) -> None:
+        """Resume: the log is rewritten from the checkpoint's history (a crash between a log line
+        and its checkpoint leaves no extra line). Fresh start: an empty log, no old checkpoints."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        if not resuming:
+            for name in ("last.pt", "best.pt"):
+                path = os.path.join(self.out_dir, name)
+                if os.path.exists(path):
+                    os.remove(path)
+        lines = "".join(json.dumps(entry, default=float) + "\n" for entry in self.history) if resuming else ""
+        write_text_atomically(os.path.join(self.out_dir, "log.jsonl"), lines)
+
+    def epoch_line(self, entry: dict) -> str:
+        """One console line for a log entry: losses, each task's validation metric, k and ALP weight per modality."""
+        metrics = "  ".join(f"{task} {self.data.tasks[task].metric} {values[self.data.tasks[task].metric]:.4f}"
+                            for task, values in entry["val"].items())
+        modalities = "  ".join(f"{m} k={entry['k'][m]} w={entry['alp_weights'][m]:.3f}" for m in entry["k"])
+        best = " *" if entry["best_epoch"] == entry["epoch"] else ""
+        return (f"epoch {entry['epoch']}/{self.config.epochs}{best}  train loss {entry['train_loss']:.4f} "
+                f"(aux {entry['aux_loss']:.4f})  val: {metrics}  |  {modalities}")
 
     def checkpoint(self) -> dict:
         return {
             "epoch": self.epoch,
+            "configuration": self.configuration(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
@@ -236,7 +320,10 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "shuffle": self.shuffle.get_state()},
         }
 
-    def load_checkpoint(self, path: str) -> None:
+    def load_checkpoint(self, path: str, check: bool = False) -> None:
+        """Restore a checkpoint of this trainer's model. check: refuse (ResumeMismatch) one trained
+        with a configuration a resume cannot continue (see run_folder); either way a checkpoint of
+        another model is refused with one message, not a list of tensor mismatches."""
         try:
             state = torch.load(path, weights_only=False)
         except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -244,18 +331,26 @@ class Trainer:
         missing = [key for key in ("epoch", "model", "optimizer", "aea", "alp", "rng") if key not in state]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {missing}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.aea.load_state_dict(state["aea"])
-        self.alp.load_state_dict(state["alp"])
+        saved = state.get("configuration")
+        if check and saved is not None:
+            check_resumable(path, saved, self.configuration(), state["epoch"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.aea.load_state_dict(state["aea"])
+            self.alp.load_state_dict(state["alp"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            what = (f"{path} belongs to another model or training configuration than this one"
+                    if saved is None else f"{path} was trained with another configuration")
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ResumeMismatch(f"{what} ({first}); start over with --no-resume or use a new --out") from error
         self.best_score, self.best_epoch = state["best"]
         self.history = list(state.get("history", []))
         self.epoch = state["epoch"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.shuffle.set_state(state["rng"]["shuffle"])
+        self._rebuild_scheduler(self.epoch)
         self._apply_adaptive_state()
 
 
