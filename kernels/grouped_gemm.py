@@ -45,6 +45,15 @@ truncates rather than rounds, so there the kernels round to nearest-even by hand
 runtime value, so the K loop has a compile-time trip count (K is fixed per layer) and the weight
 gradient's row loop is a ``while`` loop there (a ``for`` on GPUs, where Triton pipelines it).
 All row * stride products are int64.
+
+Bad metadata (GPU tensors are not validated: a check would be a host sync; sm4.ops validates CPU
+tensors). The kernels mask exactly as the CUDA grouped GEMM does and never touch memory outside
+their tensors: expert e owns the rows [begin_e, end_e) of ``_row_bounds`` (offsets clamped into
+[0, M), so negative, decreasing or too large offsets only change which rows an expert owns: for
+decreasing offsets some rows go to no expert or to two, and the result is unspecified but
+in-bounds); a gather / a_index / grad_index value outside [0, rows of its tensor) reads a zero
+row; a destination outside [0, num_out_rows) (a bad scatter index, or without scatter a row at or
+past num_out_rows) is dropped, so ``num_out_rows < rows`` keeps the first num_out_rows rows.
 """
 
 import torch
@@ -89,8 +98,8 @@ def _activation(x, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _grouped_mm_kernel(
-    a_ptr, w_ptr, bias_ptr, offsets_ptr, tile_start_ptr, gather_ptr, scatter_ptr, scale_ptr, out_ptr, preact_ptr,
-    num_rows, num_out_rows, num_experts, num_row_tiles, K, N,
+    a_ptr, w_ptr, bias_ptr, bounds_ptr, tile_start_ptr, gather_ptr, scatter_ptr, scale_ptr, out_ptr, preact_ptr,
+    num_a_rows, num_rows, num_out_rows, num_experts, num_row_tiles, K, N,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_pm,
     HAS_BIAS: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_SCATTER: tl.constexpr, HAS_SCALE: tl.constexpr,
     ACTIVATION: tl.constexpr, SAVE_PREACT: tl.constexpr, SEARCH_STEPS: tl.constexpr, K_TILES: tl.constexpr,
@@ -112,7 +121,7 @@ def _grouped_mm_kernel(
     if pid_m >= total_tiles:
         # Past the last tile: zero the rows that no expert writes, [A, ...).
         if SAVE_PREACT or not HAS_SCATTER:
-            active = tl.load(offsets_ptr + num_experts)
+            active = tl.load(bounds_ptr + 2 * num_experts)
             rows = active + (pid_m - total_tiles).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
             zeros = tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty)
             if not HAS_SCATTER:
@@ -133,13 +142,17 @@ def _grouped_mm_kernel(
         hi = tl.where(take, hi, mid - 1)
     expert = lo
     tile = pid_m - tl.load(tile_start_ptr + expert)
-    row_end = tl.minimum(tl.load(offsets_ptr + expert + 1), num_rows)
-    rows = tl.load(offsets_ptr + expert) + tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_end = tl.load(bounds_ptr + num_experts + expert)
+    rows = tl.load(bounds_ptr + expert) + tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < row_end
     if HAS_GATHER:
+        # A gather index outside [0, rows of a) reads a zero row (as the CUDA kernel).
         src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
+        src_mask = row_mask & (src_rows >= 0) & (src_rows < num_a_rows)
+        src_rows = tl.where(src_mask, src_rows, 0)
     else:
         src_rows = rows
+        src_mask = row_mask & (rows < num_a_rows)
 
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     a_ptrs = a_ptr + src_rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -147,11 +160,11 @@ def _grouped_mm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kt in range(K_TILES):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=src_mask[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
         else:
             k_mask = ks < K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=src_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _tile_dot(a, w, acc, UPCAST, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -167,31 +180,43 @@ def _grouped_mm_kernel(
     if HAS_SCALE:
         scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
         y = y * scale.to(tl.float32)[:, None]
+    # A destination outside [0, num_out_rows) drops the row (as the CUDA kernel): a scatter index
+    # out of range, or, without scatter, a row past num_out_rows.
     if HAS_SCATTER:
         dst_rows = tl.load(scatter_ptr + rows, mask=row_mask, other=0)
     else:
         dst_rows = rows
-    tl.store(out_ptr + dst_rows[:, None] * stride_om + cols[None, :], _to_output(y, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+    dst_mask = row_mask & (dst_rows >= 0) & (dst_rows < num_out_rows)
+    dst_rows = tl.where(dst_mask, dst_rows, 0)
+    tl.store(out_ptr + dst_rows[:, None] * stride_om + cols[None, :], _to_output(y, out_ptr.dtype.element_ty, UPCAST),
+             mask=dst_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
-def _weight_grad_step(acc, bias_acc, row_start, row_end, a_ptr, g_ptr, a_index_ptr, g_index_ptr, ks, k_mask, cols, col_mask,
-                      stride_am, stride_ak, stride_gm, stride_gn,
+def _weight_grad_step(acc, bias_acc, row_start, row_end, a_ptr, g_ptr, a_index_ptr, g_index_ptr, num_a_rows, num_g_rows,
+                      ks, k_mask, cols, col_mask, stride_am, stride_ak, stride_gm, stride_gn,
                       HAS_A_INDEX: tl.constexpr, HAS_G_INDEX: tl.constexpr, COMPUTE_BIAS: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < row_end
+    # An index outside its tensor's rows reads a zero row (as the CUDA kernel).
     if HAS_A_INDEX:
         a_rows = tl.load(a_index_ptr + rows, mask=row_mask, other=0)
+        a_mask = row_mask & (a_rows >= 0) & (a_rows < num_a_rows)
+        a_rows = tl.where(a_mask, a_rows, 0)
     else:
         a_rows = rows
+        a_mask = row_mask & (rows < num_a_rows)
     if HAS_G_INDEX:
         g_rows = tl.load(g_index_ptr + rows, mask=row_mask, other=0)
+        g_mask = row_mask & (g_rows >= 0) & (g_rows < num_g_rows)
+        g_rows = tl.where(g_mask, g_rows, 0)
     else:
         g_rows = rows
+        g_mask = row_mask & (rows < num_g_rows)
     # a^T tile (BLOCK_K, BLOCK_M), loaded transposed; grad tile (BLOCK_M, BLOCK_N).
-    a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + ks[:, None] * stride_ak, mask=k_mask[:, None] & row_mask[None, :], other=0.0)
-    g = tl.load(g_ptr + g_rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + ks[:, None] * stride_ak, mask=k_mask[:, None] & a_mask[None, :], other=0.0)
+    g = tl.load(g_ptr + g_rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=g_mask[:, None] & col_mask[None, :], other=0.0)
     acc = _tile_dot(a_t, g, acc, UPCAST, PRECISION)
     if COMPUTE_BIAS:
         bias_acc += tl.sum(g.to(tl.float32), axis=0)
@@ -200,8 +225,8 @@ def _weight_grad_step(acc, bias_acc, row_start, row_end, a_ptr, g_ptr, a_index_p
 
 @triton.jit
 def _grouped_weight_grad_kernel(
-    a_ptr, g_ptr, offsets_ptr, a_index_ptr, g_index_ptr, grad_weight_ptr, grad_bias_ptr,
-    num_rows, K, N, stride_am, stride_ak, stride_gm, stride_gn,
+    a_ptr, g_ptr, bounds_ptr, a_index_ptr, g_index_ptr, grad_weight_ptr, grad_bias_ptr,
+    num_a_rows, num_g_rows, num_experts, K, N, stride_am, stride_ak, stride_gm, stride_gn,
     HAS_A_INDEX: tl.constexpr, HAS_G_INDEX: tl.constexpr, COMPUTE_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -217,21 +242,21 @@ def _grouped_weight_grad_kernel(
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     k_mask = ks < K
     col_mask = cols < N
-    row_begin = tl.load(offsets_ptr + expert)
-    row_end = tl.minimum(tl.load(offsets_ptr + expert + 1), num_rows)
+    row_begin = tl.load(bounds_ptr + expert)
+    row_end = tl.load(bounds_ptr + num_experts + expert)
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), tl.float32)
     if WHILE_LOOP:
         row_start = row_begin
         while row_start < row_end:
             acc, bias_acc = _weight_grad_step(acc, bias_acc, row_start, row_end, a_ptr, g_ptr, a_index_ptr, g_index_ptr,
-                                              ks, k_mask, cols, col_mask, stride_am, stride_ak, stride_gm, stride_gn,
+                                              num_a_rows, num_g_rows, ks, k_mask, cols, col_mask, stride_am, stride_ak, stride_gm, stride_gn,
                                               HAS_A_INDEX, HAS_G_INDEX, COMPUTE_BIAS, UPCAST, PRECISION, BLOCK_M)
             row_start += BLOCK_M
     else:
         for row_start in range(row_begin, row_end, BLOCK_M):
             acc, bias_acc = _weight_grad_step(acc, bias_acc, row_start, row_end, a_ptr, g_ptr, a_index_ptr, g_index_ptr,
-                                              ks, k_mask, cols, col_mask, stride_am, stride_ak, stride_gm, stride_gn,
+                                              num_a_rows, num_g_rows, ks, k_mask, cols, col_mask, stride_am, stride_ak, stride_gm, stride_gn,
                                               HAS_A_INDEX, HAS_G_INDEX, COMPUTE_BIAS, UPCAST, PRECISION, BLOCK_M)
     tl.store(grad_weight_ptr + expert * K * N + ks[:, None] * N + cols[None, :], _to_output(acc, grad_weight_ptr.dtype.element_ty, UPCAST),
              mask=k_mask[:, None] & col_mask[None, :])
@@ -286,6 +311,21 @@ def _weight_grad_config(num_experts: int, k: int, n: int, dtype: torch.dtype, de
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps, num_stages=3)
 
 
+def _row_bounds(expert_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(2E + 1,) int64 on the device, no host sync: begin_e, end_e and the first unwritten row.
+
+    The CUDA kernel's conventions (csrc/cuda/grouped_gemm.cu): begin_0 = 0, begin_e =
+    clamp(offsets[e], 0, M), end_e = clamp(offsets[e + 1], begin_e, M), and the rows from
+    clamp(offsets[E], 0, M) on are the ones no expert writes. For valid offsets this is the
+    reference's rows; for negative, decreasing or too large ones every row index stays in [0, M).
+    """
+    offsets = expert_offsets.to(torch.int64)
+    begin = offsets[:-1].clamp(0, num_rows)
+    begin = torch.cat([torch.zeros_like(begin[:1]), begin[1:]])
+    end = torch.maximum(offsets[1:].clamp(max=num_rows), begin)
+    return torch.cat([begin, end, offsets[-1:].clamp(0, num_rows)]).contiguous()
+
+
 def _check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype):
     if tensor.dtype != dtype:
         raise TypeError(f"sm4 grouped GEMM: {name} is {tensor.dtype}, expected {dtype} (a's dtype)")
@@ -309,8 +349,6 @@ def grouped_mm_op(
     k, n = (weight.shape[2], weight.shape[1]) if transpose_weight else (weight.shape[1], weight.shape[2])
     stride_wk, stride_wn = (weight.stride(2), weight.stride(1)) if transpose_weight else (weight.stride(1), weight.stride(2))
     num_rows = gather_index.numel() if gather_index is not None else a.shape[0]
-    if scatter_index is None and num_out_rows < num_rows:
-        raise ValueError(f"sm4 grouped GEMM: num_out_rows ({num_out_rows}) < rows ({num_rows}) without scatter_index")
     keep_preact = save_preact and activation != ACT_NONE
     out = (torch.zeros if scatter_index is not None else torch.empty)(num_out_rows, n, dtype=a.dtype, device=a.device)
     preact = torch.empty(num_rows if keep_preact else 0, n, dtype=a.dtype, device=a.device)
@@ -318,23 +356,23 @@ def grouped_mm_op(
     block_m = cfg["BLOCK_M"]
     # Programs: every row tile (sum_e cdiv(count_e, BLOCK_M) <= cdiv(num_rows, BLOCK_M) + E) plus the
     # zeroing of the unwritten rows (see the module docstring for the bound).
-    covered_rows = num_rows if scatter_index is not None else num_out_rows
+    covered_rows = num_rows if scatter_index is not None else max(num_rows, num_out_rows)
     row_tiles = triton.cdiv(covered_rows, block_m) + num_experts
     grid = (row_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
     if grid[0] == 0:
         return out, preact
-    offsets = expert_offsets.contiguous()
-    counts = offsets[1:] - offsets[:-1]
+    bounds = _row_bounds(expert_offsets, num_rows)
+    counts = bounds[num_experts:2 * num_experts] - bounds[:num_experts]
     tiles = torch.div(counts + (block_m - 1), block_m, rounding_mode="floor")
     tile_start = torch.nn.functional.pad(torch.cumsum(tiles, 0), (1, 0)).to(torch.int32)
-    dummy = offsets
+    dummy = bounds
     _grouped_mm_kernel[grid](
-        a, weight, bias.contiguous() if bias is not None else dummy, offsets, tile_start,
+        a, weight, bias.contiguous() if bias is not None else dummy, bounds, tile_start,
         gather_index.contiguous() if gather_index is not None else dummy,
         scatter_index.contiguous() if scatter_index is not None else dummy,
         scatter_scale.contiguous() if scatter_scale is not None else dummy,
         out, preact if keep_preact else out,
-        num_rows, num_out_rows, num_experts, row_tiles, k, n,
+        a.shape[0], num_rows, num_out_rows, num_experts, row_tiles, k, n,
         a.stride(0), a.stride(1), weight.stride(0), stride_wk, stride_wn, out.stride(0), preact.stride(0) if keep_preact else 0,
         HAS_BIAS=bias is not None, HAS_GATHER=gather_index is not None, HAS_SCATTER=scatter_index is not None,
         HAS_SCALE=scatter_scale is not None, ACTIVATION=activation, SAVE_PREACT=keep_preact,
@@ -373,12 +411,12 @@ def grouped_weight_grad_op(
     grid = (num_experts * k_programs * triton.cdiv(n, cfg["BLOCK_N"]),)
     if grid[0] == 0:
         return grad_weight, grad_bias
-    offsets = expert_offsets.contiguous()
+    bounds = _row_bounds(expert_offsets, num_rows)
     _grouped_weight_grad_kernel[grid](
-        a, grad, offsets, a_index.contiguous() if a_index is not None else offsets,
-        grad_index.contiguous() if grad_index is not None else offsets,
+        a, grad, bounds, a_index.contiguous() if a_index is not None else bounds,
+        grad_index.contiguous() if grad_index is not None else bounds,
         grad_weight, grad_bias if compute_bias else grad_weight,
-        num_rows, k, n, a.stride(0), a.stride(1), grad.stride(0), grad.stride(1),
+        a.shape[0], grad.shape[0], num_experts, k, n, a.stride(0), a.stride(1), grad.stride(0), grad.stride(1),
         HAS_A_INDEX=a_index is not None, HAS_G_INDEX=grad_index is not None, COMPUTE_BIAS=compute_bias,
         UPCAST=a.device.type == "cpu", PRECISION=_dot_precision(a.dtype), WHILE_LOOP=a.device.type == "cpu", **cfg,
     )
@@ -408,17 +446,18 @@ def grouped_weight_grad(a, grad, expert_offsets, a_index=None, grad_index=None, 
 
 # GPU compile checks: realistic tiles; unit strides are specialized as Triton does at run time.
 _MM_SIGNATURE = {
-    "a_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "offsets_ptr": "*i64", "tile_start_ptr": "*i32",
+    "a_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "bounds_ptr": "*i64", "tile_start_ptr": "*i32",
     "gather_ptr": "*i64", "scatter_ptr": "*i64", "scale_ptr": "*fp32", "out_ptr": "*bf16", "preact_ptr": "*bf16",
-    "num_rows": "i32", "num_out_rows": "i32", "num_experts": "i32", "num_row_tiles": "i32", "K": "i32", "N": "i32",
+    "num_a_rows": "i32", "num_rows": "i32", "num_out_rows": "i32", "num_experts": "i32", "num_row_tiles": "i32", "K": "i32", "N": "i32",
     "stride_am": "i32", "stride_ak": "constexpr", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "constexpr",
     "stride_om": "i32", "stride_pm": "i32",
 }
 _MM_CONSTEXPRS = ("HAS_BIAS", "HAS_GATHER", "HAS_SCATTER", "HAS_SCALE", "ACTIVATION", "SAVE_PREACT", "SEARCH_STEPS",
                   "K_TILES", "EVEN_K", "UPCAST", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _WG_SIGNATURE = {
-    "a_ptr": "*bf16", "g_ptr": "*bf16", "offsets_ptr": "*i64", "a_index_ptr": "*i64", "g_index_ptr": "*i64",
-    "grad_weight_ptr": "*bf16", "grad_bias_ptr": "*bf16", "num_rows": "i32", "K": "i32", "N": "i32",
+    "a_ptr": "*bf16", "g_ptr": "*bf16", "bounds_ptr": "*i64", "a_index_ptr": "*i64", "g_index_ptr": "*i64",
+    "grad_weight_ptr": "*bf16", "grad_bias_ptr": "*bf16", "num_a_rows": "i32", "num_g_rows": "i32", "num_experts": "i32",
+    "K": "i32", "N": "i32",
     "stride_am": "i32", "stride_ak": "constexpr", "stride_gm": "i32", "stride_gn": "constexpr",
 }
 _WG_CONSTEXPRS = ("HAS_A_INDEX", "HAS_G_INDEX", "COMPUTE_BIAS", "UPCAST", "PRECISION", "WHILE_LOOP",

@@ -13,6 +13,13 @@ kernel with integer atomics (exact), block-ordered start rows from two int64 cum
 then a scatter kernel where each assignment's rank within its block and bin is counted by a
 pairwise comparison (stable, no atomics). The combine kernels gather a token's ranks in order;
 nothing is scatter-added, so every result is deterministic. All offsets are int64.
+
+Bad metadata (GPU tensors are not validated: a check would be a host sync; sm4.ops validates CPU
+tensors). No kernel reads or writes outside its tensors: an expert id outside [-1, E) counts as
+inactive (-1); an assignment_row value outside [-1, N) is an inactive rank: permute drops it (its
+x row is written nowhere), unpermute and permute's backward add nothing for it, and unpermute's
+backward gives it no gradient. The padding zeroing reads offsets[E] and clamps it into [0, N).
+Output rows that no valid assignment writes hold unspecified values, in-bounds.
 """
 
 import torch
@@ -31,7 +38,7 @@ def _bin_counts_kernel(ids_ptr, block_counts_ptr, num_assignments, num_experts, 
     i = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     in_range = i < num_assignments
     e = tl.load(ids_ptr + i, mask=in_range, other=-1).to(tl.int64)
-    bins = tl.where(e < 0, num_experts, e)
+    bins = tl.where((e < 0) | (e >= num_experts), num_experts, e)  # an id outside [0, E): inactive
     tl.atomic_add(block_counts_ptr + pid * (num_experts + 1) + bins, tl.full((BLOCK,), 1, tl.int64), mask=in_range)
 
 
@@ -43,7 +50,8 @@ def _scatter_kernel(ids_ptr, block_start_ptr, sorted_assignment_ptr, sorted_toke
     i = pid * BLOCK + lanes.to(tl.int64)
     in_range = i < num_assignments
     e = tl.load(ids_ptr + i, mask=in_range, other=-1).to(tl.int64)
-    bins = tl.where(e < 0, num_experts, e)
+    inactive = (e < 0) | (e >= num_experts)
+    bins = tl.where(inactive, num_experts, e)
     # Rank among the earlier assignments of this block in the same bin: keeps the sort stable.
     same_bin_before = (bins[:, None] == bins[None, :]) & (lanes[None, :] < lanes[:, None]) & in_range[None, :]
     rank = tl.sum(same_bin_before.to(tl.int64), axis=1)
@@ -51,11 +59,11 @@ def _scatter_kernel(ids_ptr, block_start_ptr, sorted_assignment_ptr, sorted_toke
     row = start + rank
     tl.store(sorted_assignment_ptr + row, i, mask=in_range)
     tl.store(sorted_token_ptr + row, i // k, mask=in_range)
-    tl.store(assignment_row_ptr + i, tl.where(e < 0, -1, row), mask=in_range)
+    tl.store(assignment_row_ptr + i, tl.where(inactive, -1, row), mask=in_range)
 
 
 @triton.jit
-def _scatter_rows_kernel(x_ptr, rows_ptr, out_ptr, num_tokens, dim, K: tl.constexpr,
+def _scatter_rows_kernel(x_ptr, rows_ptr, out_ptr, num_tokens, num_rows, dim, K: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -63,7 +71,8 @@ def _scatter_rows_kernel(x_ptr, rows_ptr, out_ptr, num_tokens, dim, K: tl.conste
     x = tl.load(x_ptr + tokens[:, None] * dim + cols[None, :], mask=mask)
     for r in tl.static_range(K):
         row = tl.load(rows_ptr + tokens * K + r, mask=tokens < num_tokens, other=-1)
-        tl.store(out_ptr + row[:, None] * dim + cols[None, :], x, mask=mask & (row[:, None] >= 0))
+        valid = (row >= 0) & (row < num_rows)  # a row outside [0, N) is dropped
+        tl.store(out_ptr + tl.where(valid, row, 0)[:, None] * dim + cols[None, :], x, mask=mask & valid[:, None])
 
 
 @triton.jit
@@ -76,7 +85,7 @@ def _zero_padding_kernel(out_ptr, offsets_ptr, num_experts, num_rows, dim, BLOCK
 
 
 @triton.jit
-def _combine_kernel(src_ptr, weights_ptr, rows_ptr, out_ptr, num_tokens, dim, K: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+def _combine_kernel(src_ptr, weights_ptr, rows_ptr, out_ptr, num_tokens, num_rows, dim, K: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -84,6 +93,7 @@ def _combine_kernel(src_ptr, weights_ptr, rows_ptr, out_ptr, num_tokens, dim, K:
     acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     for r in tl.static_range(K):
         row = tl.load(rows_ptr + tokens * K + r, mask=token_mask, other=-1)
+        row = tl.where(row < num_rows, row, -1)  # a row outside [0, N) is an inactive rank: adds nothing
         active = (row >= 0)[:, None] & (cols[None, :] < dim)
         values = tl.load(src_ptr + row[:, None] * dim + cols[None, :], mask=active, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
@@ -96,12 +106,13 @@ def _combine_kernel(src_ptr, weights_ptr, rows_ptr, out_ptr, num_tokens, dim, K:
 
 @triton.jit
 def _unpermute_backward_kernel(grad_y_ptr, y_sorted_ptr, gates_ptr, rows_ptr, grad_sorted_ptr, grad_gates_ptr,
-                               num_tokens, dim, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                               num_tokens, num_rows, dim, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                                D_BLOCKS: tl.constexpr):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     token_mask = tokens < num_tokens
     for r in tl.static_range(K):
         row = tl.load(rows_ptr + tokens * K + r, mask=token_mask, other=-1)
+        row = tl.where(row < num_rows, row, -1)  # a row outside [0, N): no gradient, nothing written
         gate = tl.load(gates_ptr + tokens * K + r, mask=token_mask, other=0.0).to(tl.float32)
         dot = tl.zeros((BLOCK_T,), tl.float32)
         for block in range(D_BLOCKS):
@@ -138,7 +149,7 @@ def _combine(src: torch.Tensor, weights: torch.Tensor | None, assignment_row: to
         block_t, block_d = _row_blocks(dim, src.device)
         grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
         _combine_kernel[grid](src, weights.contiguous() if weights is not None else src, assignment_row.contiguous(), out,
-                              tokens, dim, K=k, HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_D=block_d)
+                              tokens, src.shape[0], dim, K=k, HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_D=block_d)
     return out
 
 
@@ -183,7 +194,7 @@ def permute_op(x: torch.Tensor, assignment_row: torch.Tensor, expert_offsets: to
     if tokens and dim:
         block_t, block_d = _row_blocks(dim, x.device)
         grid = (triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))
-        _scatter_rows_kernel[grid](x, assignment_row.contiguous(), out, tokens, dim, K=k, BLOCK_T=block_t, BLOCK_D=block_d)
+        _scatter_rows_kernel[grid](x, assignment_row.contiguous(), out, tokens, out.shape[0], dim, K=k, BLOCK_T=block_t, BLOCK_D=block_d)
     _zero_padding(out, expert_offsets)
     return out
 
@@ -216,7 +227,7 @@ def unpermute_backward_op(grad_y: torch.Tensor, y_sorted: torch.Tensor, gates: t
     if tokens and dim:
         block_t, block_d = _row_blocks(dim, y_sorted.device)
         _unpermute_backward_kernel[(triton.cdiv(tokens, block_t),)](
-            grad_y, y_sorted, gates.contiguous(), assignment_row.contiguous(), grad_sorted, grad_gates, tokens, dim,
+            grad_y, y_sorted, gates.contiguous(), assignment_row.contiguous(), grad_sorted, grad_gates, tokens, rows, dim,
             K=k, BLOCK_T=block_t, BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d))
     _zero_padding(grad_sorted, expert_offsets)
     return grad_sorted, grad_gates.to(gates.dtype)
@@ -290,17 +301,18 @@ GPU_COMPILE_CHECKS = [
     (_scatter_kernel, {"ids_ptr": "*i64", "block_start_ptr": "*i64", "sorted_assignment_ptr": "*i64",
                        "sorted_token_ptr": "*i64", "assignment_row_ptr": "*i64", "num_assignments": _I64,
                        "num_experts": _I64, "k": _I64, "BLOCK": "constexpr"}, {"BLOCK": SORT_BLOCK}),
-    (_scatter_rows_kernel, {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*bf16", "num_tokens": _I64, "dim": _I64,
-                            "K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+    (_scatter_rows_kernel, {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*bf16", "num_tokens": _I64, "num_rows": _I64,
+                            "dim": _I64, "K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
      {"K": 2, "BLOCK_T": 16, "BLOCK_D": 256}),
     (_zero_padding_kernel, {"out_ptr": "*bf16", "offsets_ptr": "*i64", "num_experts": _I64, "num_rows": _I64, "dim": _I64,
                             "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}, {"BLOCK_R": 64, "BLOCK_D": 128}),
     (_combine_kernel, {"src_ptr": "*bf16", "weights_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": "*bf16",
-                       "num_tokens": _I64, "dim": _I64, "K": "constexpr", "HAS_WEIGHTS": "constexpr",
+                       "num_tokens": _I64, "num_rows": _I64, "dim": _I64, "K": "constexpr", "HAS_WEIGHTS": "constexpr",
                        "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
      {"K": 2, "HAS_WEIGHTS": True, "BLOCK_T": 16, "BLOCK_D": 256}),
     (_unpermute_backward_kernel, {"grad_y_ptr": "*bf16", "y_sorted_ptr": "*bf16", "gates_ptr": "*fp32", "rows_ptr": "*i64",
-                                  "grad_sorted_ptr": "*bf16", "grad_gates_ptr": "*fp32", "num_tokens": _I64, "dim": _I64,
+                                  "grad_sorted_ptr": "*bf16", "grad_gates_ptr": "*fp32", "num_tokens": _I64, "num_rows": _I64,
+                                  "dim": _I64,
                                   "K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "D_BLOCKS": "constexpr"},
      {"K": 2, "BLOCK_T": 16, "BLOCK_D": 256, "D_BLOCKS": 16}),
 ]
