@@ -34,3 +34,6 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     speedups = " ".join(f"{k[12:]}={v:.2f}x" for k, v in i.items() if k.startswith("speedup_over_"))
     print(f'{b["name"][:70]:70s} {b["stats"]["median"] * 1e3:10.3f} ms {i.get("TFLOPs", 0):7.2f} TFLOP/s {i.get("GBps", 0):8.1f} GB/s {speedups}')
 PY
+# Measured beside predicted (issue #14: BENCHMARKS.md "GPU: predicted roofline fractions"): each
+# benchmark row the model knows, its median, the predicted time and both fractions of its roofline.
+$PY -m benchmarks.gpu_roofline compare "$OUT/benchmarks.json" --gpu auto | tee "$OUT/roofline.txt"

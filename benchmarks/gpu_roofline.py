@@ -1,0 +1,588 @@
+"""Predicted H100 roofline fractions of sm4's GPU kernels, from reading their code (issue #14).
+
+Pure arithmetic: no GPU, no torch. For each kernel (CUDA in csrc/cuda/*.cu, Triton in kernels/*.py)
+at a shape it gives the HBM bytes and FLOPs, the roofline time max(FLOPs / peak, bytes / HBM) on
+the pipe the code uses (tensor cores for bf16/fp16 MMA, fp32 FMA for SIMT code), and a predicted
+time = roofline / efficiency + launches x ``LAUNCH_S``, where ``efficiency`` is derived from the
+code (tile, threads, shared-memory traffic, pipelining, occupancy, tail) and ``why`` says how.
+Predicted fraction = roofline / predicted. BENCHMARKS.md ("GPU: predicted roofline fractions")
+explains every assumption.
+
+``compare`` puts the benchmark JSON of a GPU run (benchmarks/gpu_session.sh) beside the
+predictions: for each benchmark row it knows (op, shape, backend) it prints the measured median,
+the predicted time, and the measured and predicted fractions of the same roofline.
+
+    python -m benchmarks.gpu_roofline                      # the prediction table (H100)
+    python -m benchmarks.gpu_roofline --gpu h200 --markdown
+    python -m benchmarks.gpu_roofline compare results/gpu-.../benchmarks.json --gpu auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    tensor_flops: float  # dense bf16/fp16 tensor-core peak (wgmma), FLOP/s
+    fp32_flops: float  # non-tensor fp32 FMA peak, FLOP/s
+    hbm: float  # bytes/s
+    l2: float  # bytes, usable L2
+    l2_bw: float  # bytes/s, L2 -> SM (an assumption: microbenchmarks put the H100's at ~5.5-7 TB/s)
+    sms: int
+    smem_per_sm: int  # bytes of shared memory a CTA can use per SM
+
+
+H100 = Gpu("H100 SXM", 989e12, 67e12, 3.35e12, 50e6, 5.5e12, 132, 228 * 1024)
+# The lent machines are H200s: the same GH100 compute, HBM3e at 4.8 TB/s.
+H200 = Gpu("H200", 989e12, 67e12, 4.8e12, 50e6, 5.5e12, 132, 228 * 1024)
+GPUS = {"h100": H100, "h200": H200}
+
+# GPU-side cost of one kernel launch that does almost nothing (launch latency + ramp + drain).
+LAUNCH_S = 2.5e-6
+# Host-side costs per call on the timed path (eager PyTorch op, sm4 C++ op through the dispatcher
+# with its checks and allocations, a Triton launch through torch.library.custom_op, and the
+# Python of one sm4.ops call: validation and backend choice). Guesses, to be measured.
+HOST_TORCH_OP_S = 5e-6
+HOST_EXT_OP_S = 10e-6
+HOST_TRITON_S = 20e-6
+HOST_SM4_CALL_S = 15e-6
+# DRAM bytes in flight an SM needs to keep HBM busy (Little's law: bandwidth x ~700 ns / SMs).
+DRAM_LATENCY_S = 700e-9
+# mma.sync (what nvcuda::wmma compiles to) on Hopper: microbenchmark studies report roughly two
+# thirds of the wgmma dense rate; this is the ceiling of any WMMA kernel on an H100.
+MMA_SYNC_CEILING = 0.65
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    T: int
+    d: int
+    h: int
+    E: int
+    k: int
+    dtype: str = "bf16"
+
+    @property
+    def b(self) -> int:  # element bytes of the activations / expert weights
+        return 4 if self.dtype == "fp32" else 2
+
+    @property
+    def rows(self) -> int:  # N = T * k routed rows
+        return self.T * self.k
+
+
+SCALE = Shape("scale_T16384_d1024_E64_k2", 16384, 1024, 4096, 64, 2, "bf16")
+SCALE_FP32 = Shape("scale_T16384_d1024_E64_k2", 16384, 1024, 4096, 64, 2, "fp32")  # what the routing benches run
+MEDIUM = Shape("medium", 32 * 24, 64, 128, 32, 2, "fp32")  # the papers' medium setting, as benchmarked
+GATING_GPU = Shape("gpu_T16384_d4096_E64_bf16", 16384, 4096, 4 * 4096, 64, 2, "bf16")
+GEMM_GPU_E8 = Shape("gpu_T16384_d4096_h14336_E8", 16384, 4096, 14336, 8, 2, "bf16")
+GEMM_GPU_E64 = Shape("gpu_T16384_d4096_h14336_E64", 16384, 4096, 14336, 64, 2, "bf16")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    shape: Shape
+    flops: float
+    bytes: float  # HBM bytes: each input and output once, plus modelled re-reads
+    unit: str  # "tensor" | "fp32": the compute peak of the roofline
+    efficiency: float  # predicted fraction of the roofline reached by the work itself
+    launches: int = 1
+    why: str = ""
+    check: str = ""
+
+    def peak(self, gpu: Gpu) -> float:
+        return gpu.tensor_flops if self.unit == "tensor" else gpu.fp32_flops
+
+    def roofline_s(self, gpu: Gpu) -> float:
+        return max(self.flops / self.peak(gpu), self.bytes / gpu.hbm)
+
+    def bound(self, gpu: Gpu) -> str:
+        return "compute" if self.flops / self.peak(gpu) >= self.bytes / gpu.hbm else "memory"
+
+    def predicted_s(self, gpu: Gpu) -> float:
+        return self.roofline_s(gpu) / self.efficiency + self.launches * LAUNCH_S
+
+    def fraction(self, gpu: Gpu) -> float:
+        return self.roofline_s(gpu) / self.predicted_s(gpu)
+
+
+def _memory_efficiency(gpu: Gpu, bytes_in_flight_per_sm: float, cap: float = 0.85) -> float:
+    """Fraction of HBM bandwidth reached with this many load bytes in flight per SM (Little's law)."""
+    needed = gpu.hbm * DRAM_LATENCY_S / gpu.sms
+    return min(cap, bytes_in_flight_per_sm / needed)
+
+
+# ---- CUDA kernels (csrc/cuda) -------------------------------------------------------------------
+
+
+def cuda_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> Kernel:
+    """gating_forward_kernel: a warp per token, 8 tokens (256 threads) per block, SIMT fp32 logits.
+
+    The router weight (d, E) fp32 is staged through shared memory in 32-row tiles by every block
+    (no reuse across blocks: T/8 blocks each read all d*E*4 bytes from L2), and each FMA needs one
+    shared load of W (x is a broadcast): shared-memory bound at E / (128 (EPT + 1/4)) of the FMA
+    peak; two __syncthreads per tile and no double buffering expose the L2 latency (x 1.3).
+    """
+    T, d, E, k = s.T, s.d, s.E, s.k
+    blocks = math.ceil(T / 8)
+    ept = next(p for p in (1, 2, 4, 8) if 32 * p >= E)
+    flops = 2.0 * T * d * E
+    hbm = T * d * s.b + d * E * 4 + T * E * 4 * (2 if training else 1) + T * k * 12 + T * 12 + blocks * E * 16
+    lds_eff = E / (128 * (ept + 0.25))
+    l2_s = blocks * d * E * 4 / gpu.l2_bw
+    work_s = 1.3 * max(flops / (gpu.fp32_flops * lds_eff), l2_s)
+    roofline = max(flops / gpu.fp32_flops, hbm / gpu.hbm)
+    return Kernel("cuda gating_forward_kernel", s, flops, hbm, "fp32", roofline / work_s,
+                  why=f"SIMT fp32 router GEMM in the kernel: LDS-bound at {lds_eff:.0%} of FMA peak; W re-staged from L2 "
+                      f"by all {blocks} blocks ({blocks * d * E * 4 / MiB:.0f} MiB); no double buffering",
+                  check="ncu: shared pipe (l1tex data-pipe lsu) ~busy, FMA <30 % of peak, lts bytes ~= T/8 x d x E x 4")
+
+
+def _gating_backward_bytes(s: Shape, training: bool) -> float:
+    """Saved logits (+ noise) read, d_logits written, ids / d_gates / runner-up read."""
+    return s.T * s.E * 4 * (3 if training else 2) + s.T * s.k * 12 + s.T * 8
+
+
+def _metadata_bytes(s: Shape, sort_block: int) -> float:
+    """ids read twice, three (N,) int64 outputs, ~8 passes over the (blocks, E + 1) int64 counts."""
+    return 5 * s.rows * 8 + 8 * math.ceil(s.rows / sort_block) * (s.E + 1) * 8
+
+
+def _small_kernel(s: Shape, backend: str, which: str, training: bool = True) -> Kernel:
+    """The latency- or launch-bound routing kernels: gating backward, histogram, metadata sort."""
+    n = s.rows
+    specs = {
+        ("cuda", "gating_backward"): (
+            "cuda gating_backward_kernel", _gating_backward_bytes(s, training), 0.45, 1,
+            "coalesced (T, E) rows but a serial loop over k with dependent loads and shuffles per warp: latency-bound",
+            "dram throughput ~40-50 %"),
+        ("triton", "gating_backward"): (
+            "triton _gating_backward_kernel", _gating_backward_bytes(s, training), 0.35, 1,
+            f"{math.ceil(s.T / 64)} programs, one shot of loads each, no loop to pipeline: latency-bound",
+            "dram throughput ~35 %"),
+        ("cuda", "histogram"): (
+            "cuda expert_histogram (zero + count + scan)", n * 8 + s.E * 24, 0.3, 3,
+            f"{min(math.ceil(n / 256), 1024)} blocks of shared-memory atomics, then a one-block cub scan: launch-bound",
+            "time ~3 launches, flat from medium to scale"),
+        ("triton", "histogram"): (
+            "triton expert_histogram (count + scan)", n * 8 + s.E * 24, 0.2, 3,
+            f"{math.ceil(n / 1024)} programs of int64 global atomics onto E counters, a one-program scan",
+            "launch-bound; atomics serialise on E addresses"),
+        ("cuda", "metadata"): (
+            "cuda routing_metadata (bin counts, 8 torch ops, scatter)", _metadata_bytes(s, 256), 0.3, 11,
+            "two small sort kernels around ~8 torch reductions/cumsums on (blocks, E+1): launch-bound",
+            "~11 kernels in nsys; time flat in T"),
+        ("triton", "metadata"): (
+            "triton routing_metadata (bin counts, torch ops, scatter)", _metadata_bytes(s, 128), 0.3, 10,
+            "128-assignment programs (a 128 x 128 compare for the stable rank), torch cumsums between",
+            "launch-bound"),
+    }
+    name, hbm, eff, launches, why, check = specs[(backend, which)]
+    return Kernel(name, s, 0.0, hbm, "fp32", eff, launches=launches, why=why, check=check)
+
+
+def _small(backend: str, which: str):
+    def build(s: Shape, gpu: Gpu = H100, training: bool = True) -> Kernel:
+        return _small_kernel(s, backend, which, training)
+
+    build.__name__ = f"{backend}_{which}"
+    return build
+
+
+cuda_gating_backward, triton_gating_backward = _small("cuda", "gating_backward"), _small("triton", "gating_backward")
+cuda_histogram, triton_histogram = _small("cuda", "histogram"), _small("triton", "histogram")
+cuda_routing_metadata, triton_routing_metadata = _small("cuda", "metadata"), _small("triton", "metadata")
+
+
+def _rows_efficiency(gpu: Gpu, elem: int, ilp: float) -> float:
+    # A block of 256 threads per token, scalar element accesses; 2048 resident threads per SM.
+    return _memory_efficiency(gpu, 2048 * elem * ilp)
+
+
+def cuda_permute(s: Shape, gpu: Gpu = H100) -> Kernel:
+    """scatter_rows_kernel (a block per token, scalar loads/stores) + zero_rows_kernel (no rows)."""
+    hbm = s.T * s.d * s.b + s.rows * s.d * s.b + s.rows * 8
+    eff = _rows_efficiency(gpu, s.b, 1.5)
+    return Kernel("cuda permute (scatter_rows + zero_rows)", s, 0.0, hbm, "fp32", eff, launches=2,
+                  why=f"one {s.b}-byte access per thread per iteration, ~1.5 loads in flight: {eff:.0%} of HBM by Little's law",
+                  check="dram throughput; sectors/request of the 16-bit LDG/STG")
+
+
+def cuda_combine(s: Shape, gpu: Gpu = H100, weighted: bool = True) -> Kernel:
+    """combine_rows_kernel (unpermute, or permute's backward unweighted): a block per token."""
+    hbm = s.rows * s.d * s.b + s.T * s.d * s.b + s.rows * (12 if weighted else 8)
+    eff = _rows_efficiency(gpu, s.b, s.k)
+    name = "cuda unpermute (combine_rows)" if weighted else "cuda permute_backward (combine_rows)"
+    return Kernel(name, s, 2.0 * s.rows * s.d, hbm, "fp32", eff,
+                  why=f"k={s.k} independent scalar {s.b}-byte loads per column: {eff:.0%} of HBM",
+                  check="dram throughput")
+
+
+def cuda_unpermute_backward(s: Shape, gpu: Gpu = H100) -> Kernel:
+    hbm = s.T * s.d * s.b + 2 * s.rows * s.d * s.b + s.rows * 12
+    eff = 0.9 * _rows_efficiency(gpu, s.b, 2)
+    return Kernel("cuda unpermute_backward (+ sum, zero_rows)", s, 2.0 * s.rows * s.d, hbm, "fp32", eff, launches=3,
+                  why="two scalar loads per column, a 256-thread tree reduction (8 barriers) per rank",
+                  check="dram throughput; barrier stalls")
+
+
+def _wmma_efficiency(k_steps: int, items: int, concurrent: int) -> float:
+    # Warp tile 32 x 64 reads 3 KiB of shared memory per 64 KFLOP: 2/3 of the tensor peak at
+    # 128 B/clk/SM, about the mma.sync ceiling; both pipes near saturation overlap imperfectly (0.8).
+    # Single shared buffer + register prefetch, 2 barriers per K step, 2 CTAs/SM: ~0.75.
+    # Epilogue (fp32 staging, scalar 16-bit stores, GELU): ~3 K steps per tile. Waves: tail.
+    core = min(MMA_SYNC_CEILING, 2 / 3) * 0.8 * 0.75
+    epilogue = k_steps / (k_steps + 3)
+    waves = items / concurrent
+    tail = waves / math.ceil(waves)
+    return core * epilogue * tail
+
+
+def _weight_reads(s: Shape, block_m: int, block_n: int, k: int, n: int, concurrent: int, group_m: int | None) -> float:
+    """HBM bytes of the expert weights: once per expert if a row tile group shares them in L2."""
+    per_expert = k * n * s.b
+    tiles_e = math.ceil(s.rows / s.E / block_m)
+    if per_expert * 2 <= H100.l2:
+        return s.E * per_expert
+    # Too big for L2: re-read by each group of row tiles that run together.
+    together = group_m if group_m else max(1.0, concurrent / math.ceil(n / block_n))
+    return s.E * per_expert * max(1.0, tiles_e / together)
+
+
+def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+    """grouped_mm_tc_kernel<bf16, 128>: 128 x 128 x 32 tiles, 8 warps (4 x 2, 32 x 64 each), WMMA."""
+    if s.dtype == "fp32":
+        return cuda_grouped_mm_simt(s, gpu, up)
+    k, n = (s.d, s.h) if up else (s.h, s.d)
+    bm = 128 if s.rows >= 128 * s.E else 64
+    flops = 2.0 * s.rows * k * n
+    row_tiles = math.ceil(s.rows / bm) + (s.E if s.rows % (bm * s.E) else 0)
+    items = row_tiles * math.ceil(n / 128)
+    concurrent = 2 * gpu.sms
+    w = _weight_reads(s, bm, 128, k, n, concurrent, None)
+    ideal = s.rows * k * s.b + s.E * k * n * s.b + s.rows * n * s.b * (2 if up else 1)  # up: preact too
+    eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent)
+    modelled = ideal - s.E * k * n * s.b + w
+    roofline = max(flops / gpu.tensor_flops, ideal / gpu.hbm)
+    work = max(flops / (gpu.tensor_flops * eff), modelled / (gpu.hbm * 0.85))
+    return Kernel(f"cuda grouped_mm_tc_kernel<{s.dtype},{bm}> {'d->h' if up else 'h->d'}", s, flops, ideal, "tensor",
+                  roofline / work, launches=3,
+                  why=f"WMMA (mma.sync) m16n16k16, smem-bound warp tile, no cp.async/multistage: {eff:.0%} of wgmma peak; "
+                      f"weights {w / MiB:.0f} MiB from HBM",
+                  check="tensor pipe ~35 %, stalls barrier/long-scoreboard; vs dense_mm (cuBLAS wgmma ~70 %)")
+
+
+def cuda_grouped_mm_simt(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+    """grouped_mm_simt_kernel: 64 x 64 x 16 fp32 tiles, 4 x 4 outputs per thread."""
+    k, n = (s.d, s.h) if up else (s.h, s.d)
+    flops = 2.0 * s.rows * k * n
+    ideal = s.rows * k * 4 + s.E * k * n * 4 + s.rows * n * 4 * (2 if up else 1)
+    # 8 scalar LDS (4 of A, 4 of B, strided: not vectorisable) per 16 FMA: half the FMA peak at
+    # 1 LDS wavefront/clk vs 4 FMA warp-instructions/clk; single buffer + barriers: x 0.7.
+    eff = 0.5 * 0.7
+    return Kernel("cuda grouped_mm_simt_kernel (fp32)", s, flops, ideal, "fp32", eff, launches=3,
+                  why="8 LDS per 16 FMA: LDS-bound at 50 % of FMA peak; register prefetch only",
+                  check="fp32 pipe ~35 %")
+
+
+def cuda_weight_grad(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+    """weight_grad_tc_kernel: a (expert, 128 K, 128 N) output tile per block, 32 rows per step."""
+    k, n = (s.d, s.h) if up else (s.h, s.d)
+    flops = 2.0 * s.rows * k * n
+    ideal = s.rows * (k + n) * s.b + s.E * k * n * s.b
+    if s.dtype == "fp32":  # weight_grad_simt_kernel: 64 x 64 tiles, 16 rows per step, as the SIMT forward
+        return Kernel("cuda weight_grad_simt_kernel (fp32)", s, flops, ideal, "fp32", 0.5 * 0.7,
+                      why="8 LDS per 16 FMA: LDS-bound at 50 % of FMA peak", check="fp32 pipe ~35 %")
+    items = s.E * math.ceil(k / 128) * math.ceil(n / 128)
+    steps = max(1, math.ceil(s.rows / s.E / 32))
+    eff = _wmma_efficiency(steps, items, 2 * gpu.sms) * steps / (steps + 1)  # first load not overlapped
+    return Kernel("cuda weight_grad_tc_kernel", s, flops, ideal, "tensor", eff,
+                  why=f"same WMMA core as the forward; {steps} row steps per tile, the first load exposed",
+                  check="tensor pipe ~30 %")
+
+
+# ---- Triton kernels (kernels/) ------------------------------------------------------------------
+
+
+def triton_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> Kernel:
+    """_gating_forward_kernel: 64 tokens x BLOCK_E per program, tl.dot over d in 64-wide chunks."""
+    T, d, E, k = s.T, s.d, s.E, s.k
+    programs = math.ceil(T / 64)
+    flops = 2.0 * T * d * E
+    hbm = T * d * s.b + d * E * s.b + T * E * 4 * (2 if training else 1) + T * k * 12 + T * 12 + programs * E * 16
+    if s.dtype == "fp32":
+        unit, eff = "fp32", 0.3  # input_precision="ieee": an FMA dot; 256 programs x 4 warps = 8 warps/SM
+        why = "fp32 'ieee' tl.dot is FMA-based; 8 warps per SM hide little latency"
+    else:
+        unit = "tensor"
+        # Memory-bound on tensor cores: 2 programs/SM x ~2 stages x a 64 x 64 x tile in flight.
+        eff = _memory_efficiency(gpu, 2 * 2 * 64 * 64 * s.b, cap=0.75) * min(1.0, programs / (2 * gpu.sms))
+        why = f"bf16 tl.dot, {programs} programs (<= 2 per SM), pipelined x loads: {eff:.0%} of HBM"
+    return Kernel("triton _gating_forward_kernel", s, flops, hbm, unit, eff, why=why,
+                  check="bf16: dram throughput (issue #3 asks 80 % of copy)")
+
+
+def triton_permute(s: Shape, gpu: Gpu = H100) -> Kernel:
+    hbm = s.T * s.d * s.b + s.rows * s.d * s.b + s.rows * 8
+    return Kernel("triton permute (scatter_rows + zero_padding)", s, 0.0, hbm, "fp32", 0.8, launches=2,
+                  why="16 x 256 tiles, 128-bit vector loads, many small programs: near copy rate",
+                  check="dram throughput ~80 %")
+
+
+def triton_combine(s: Shape, gpu: Gpu = H100, weighted: bool = True) -> Kernel:
+    hbm = s.rows * s.d * s.b + s.T * s.d * s.b + s.rows * (12 if weighted else 8)
+    return Kernel("triton unpermute (_combine_kernel)" if weighted else "triton permute_backward (_combine_kernel)",
+                  s, 2.0 * s.rows * s.d, hbm, "fp32", 0.8,
+                  why="gathered contiguous row segments, vectorised: near copy rate", check="dram throughput ~80 %")
+
+
+def triton_unpermute_backward(s: Shape, gpu: Gpu = H100) -> Kernel:
+    hbm = s.T * s.d * s.b + 2 * s.rows * s.d * s.b + s.rows * 12
+    return Kernel("triton _unpermute_backward_kernel (+ zero_padding)", s, 2.0 * s.rows * s.d, hbm, "fp32", 0.7,
+                  launches=2, why=f"{math.ceil(s.T / 16)} programs (not split over d), a pipelined d loop per rank",
+                  check="dram throughput ~70 %")
+
+
+def triton_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+    """_grouped_mm_kernel: 128 x 128 x 64 (bf16), 8 warps, 4 stages, GROUP_M 8."""
+    k, n = (s.d, s.h) if up else (s.h, s.d)
+    flops = 2.0 * s.rows * k * n
+    ideal = s.rows * k * s.b + s.E * k * n * s.b + s.rows * n * s.b * (2 if up else 1)
+    w = _weight_reads(s, 128, 128, k, n, gpu.sms, 8)
+    modelled = ideal - s.E * k * n * s.b + w
+    if s.dtype == "fp32":
+        unit, eff = "fp32", 0.45  # BLOCK_K 32, 3 stages, 'ieee' FMA dot
+    else:
+        # wgmma fed by cp.async (pointer loads: no TMA) over 4 stages; 4 x 32 KiB of stages = 1 CTA per
+        # SM, so the epilogue (bias, GELU, scatter through pointers) is not hidden by a second CTA.
+        unit, eff = "tensor", 0.55
+    roofline = max(flops / (gpu.tensor_flops if unit == "tensor" else gpu.fp32_flops), ideal / gpu.hbm)
+    work = max(roofline / eff, modelled / (gpu.hbm * 0.85))
+    return Kernel(f"triton _grouped_mm_kernel ({s.dtype}) {'d->h' if up else 'h->d'}", s, flops, ideal, unit,
+                  roofline / work, launches=12,
+                  why=f"tl.dot -> wgmma, 4-stage cp.async pipeline, 1 CTA/SM (128 KiB of stages): ~{eff:.0%}; "
+                      "~11 small torch ops build the tile schedule",
+                  check="tensor pipe ~55 %; ncu smem per CTA; spills (i14triton)")
+
+
+def triton_weight_grad(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+    k, n = (s.d, s.h) if up else (s.h, s.d)
+    flops = 2.0 * s.rows * k * n
+    ideal = s.rows * (k + n) * s.b + s.E * k * n * s.b
+    steps = max(1, math.ceil(s.rows / s.E / (64 if s.b == 2 else 32)))
+    eff = (0.55 if s.b == 2 else 0.45) * steps / (steps + 2)  # 3-stage pipeline over a short row loop: fill and drain
+    return Kernel(f"triton _grouped_weight_grad_kernel ({s.dtype})", s, flops, ideal, "tensor" if s.b == 2 else "fp32", eff,
+                  why=f"128 x 128 output tile, 64-row steps: only {steps} steps per tile, 3-stage fill/drain",
+                  check="tensor pipe ~40 %")
+
+
+def dense_mm(s: Shape, gpu: Gpu = H100) -> Kernel:
+    """The benchmark's dense_mm baseline (cuBLAS wgmma), for calibration: ~70 % of peak at these sizes."""
+    flops = 2.0 * s.rows * s.d * s.h
+    return Kernel("cuBLAS dense_mm (baseline)", s, flops, (s.rows * (s.d + s.h) + s.d * s.h) * s.b, "tensor", 0.7,
+                  why="cuBLAS Hopper kernels: wgmma + TMA, warp-specialised", check="calibrates the peak actually reachable")
+
+
+def kernel_table(gpu: Gpu = H100) -> list[Kernel]:
+    """Every kernel at the scale-up shape (bf16) and the medium shape (fp32, as benchmarked)."""
+    rows = []
+    for s in (SCALE, MEDIUM):
+        rows += [cuda_gating_forward(s, gpu), triton_gating_forward(s, gpu),
+                 cuda_gating_backward(s, gpu), triton_gating_backward(s, gpu),
+                 cuda_histogram(s, gpu), triton_histogram(s, gpu),
+                 cuda_routing_metadata(s, gpu), triton_routing_metadata(s, gpu),
+                 cuda_permute(s, gpu), triton_permute(s, gpu),
+                 cuda_combine(s, gpu), triton_combine(s, gpu),
+                 cuda_unpermute_backward(s, gpu), triton_unpermute_backward(s, gpu),
+                 cuda_combine(s, gpu, weighted=False), triton_combine(s, gpu, weighted=False),
+                 cuda_grouped_mm(s, gpu, up=True), triton_grouped_mm(s, gpu, up=True),
+                 cuda_grouped_mm(s, gpu, up=False), triton_grouped_mm(s, gpu, up=False),
+                 cuda_weight_grad(s, gpu), triton_weight_grad(s, gpu)]
+    rows += [cuda_gating_forward(GATING_GPU, gpu), triton_gating_forward(GATING_GPU, gpu)]
+    for s in (GEMM_GPU_E8, GEMM_GPU_E64):
+        rows += [dense_mm(s, gpu), cuda_grouped_mm(s, gpu), triton_grouped_mm(s, gpu)]
+    return rows
+
+
+# ---- benchmark rows: what benchmarks/*.py time, as sums of kernels plus host overhead ------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    op: str
+    shape: str
+    backend: str
+    kernels: tuple[Kernel, ...]
+    extra_gpu_s: float  # small torch kernels on the timed path (launch-bound), and big ones not above
+    extra_bytes: float  # HBM bytes of those torch kernels (counted in the roofline)
+    extra_flops: float  # FLOPs of those torch kernels (cuBLAS fp32 router GEMMs)
+    host_s: float
+
+    def roofline_s(self, gpu: Gpu) -> float:
+        return sum(k.roofline_s(gpu) for k in self.kernels) + max(self.extra_bytes / gpu.hbm, self.extra_flops / gpu.fp32_flops)
+
+    def predicted_s(self, gpu: Gpu) -> float:
+        return max(sum(k.predicted_s(gpu) for k in self.kernels) + self.extra_gpu_s, self.host_s)
+
+
+def _torch_s(gpu: Gpu, launches: int, bytes_=0.0, flops=0.0, flop_eff=0.6) -> float:
+    return launches * LAUNCH_S + bytes_ / (gpu.hbm * 0.85) + flops / (gpu.fp32_flops * flop_eff)
+
+
+def benchmark_predictions(gpu: Gpu = H100) -> list[Prediction]:
+    preds = []
+    for s in (SCALE_FP32, MEDIUM):
+        for backend, hist, meta, perm, comb, unbwd in (
+            ("cuda", cuda_histogram, cuda_routing_metadata, cuda_permute, cuda_combine, cuda_unpermute_backward),
+            ("triton", triton_histogram, triton_routing_metadata, triton_permute, triton_combine, triton_unpermute_backward),
+        ):
+            launch_host = HOST_EXT_OP_S if backend == "cuda" else HOST_TRITON_S
+            preds.append(Prediction("expert_histogram", s.name, backend, (hist(s, gpu),), 0.0, 0.0, 0.0,
+                                    HOST_SM4_CALL_S + 2 * launch_host + 2 * HOST_TORCH_OP_S))
+            preds.append(Prediction("routing_metadata", s.name, backend, (meta(s, gpu),), 0.0, 0.0, 0.0,
+                                    HOST_SM4_CALL_S + 2 * launch_host + 10 * HOST_TORCH_OP_S))
+            fwd = (perm(s, gpu), comb(s, gpu))
+            preds.append(Prediction("permute_unpermute_forward", s.name, backend, fwd, 0.0, 0.0, 0.0,
+                                    2 * HOST_SM4_CALL_S + 3 * launch_host + 4 * HOST_TORCH_OP_S))
+            # + ones_like, both backwards, and accumulating x.grad (read grad + new, write: 3 x T*d*b).
+            acc_bytes = s.T * s.d * s.b * 4
+            preds.append(Prediction("permute_unpermute_forward_backward", s.name, backend,
+                                    fwd + (unbwd(s, gpu), comb(s, gpu, weighted=False)),
+                                    _torch_s(gpu, 6, acc_bytes), acc_bytes, 0.0,
+                                    2 * HOST_SM4_CALL_S + 6 * launch_host + 20 * HOST_TORCH_OP_S + 60e-6))
+        for backend, fwd_k, bwd_k in (("cuda", cuda_gating_forward, cuda_gating_backward),
+                                      ("triton", triton_gating_forward, triton_gating_backward)):
+            launch_host = HOST_EXT_OP_S if backend == "cuda" else HOST_TRITON_S
+            small = 15  # noise draw, 3 zeros, 3 block sums, the balance terms
+            noise_bytes = s.T * s.E * 4
+            preds.append(Prediction("topk_gating_forward", s.name, backend, (fwd_k(s, gpu),),
+                                    _torch_s(gpu, small, noise_bytes), noise_bytes, 0.0,
+                                    HOST_SM4_CALL_S + launch_host + small * HOST_TORCH_OP_S))
+            # Backward: two fp32 router GEMMs (2 T d E each) in torch, torch.where over x in fp32, the
+            # x / W gradient accumulation, ~25 small ops of the balance terms and autograd.
+            big_bytes = s.T * s.d * 4 * 2 + s.T * s.d * 4 * 2 + s.T * s.d * s.b * 3
+            gemm_flops = 2 * 2.0 * s.T * s.d * s.E
+            preds.append(Prediction("topk_gating_forward_backward", s.name, backend, (fwd_k(s, gpu), bwd_k(s, gpu)),
+                                    _torch_s(gpu, small + 25, noise_bytes + big_bytes, gemm_flops),
+                                    noise_bytes + big_bytes, gemm_flops,
+                                    HOST_SM4_CALL_S + 2 * launch_host + (small + 25) * HOST_TORCH_OP_S + 80e-6))
+    gpu_shape = GATING_GPU
+    for backend, fwd_k in (("cuda", cuda_gating_forward), ("triton", triton_gating_forward)):
+        noise_bytes = gpu_shape.T * gpu_shape.E * 4
+        preds.append(Prediction("topk_gating_forward", gpu_shape.name, backend, (fwd_k(gpu_shape, gpu),),
+                                _torch_s(gpu, 15, noise_bytes), noise_bytes, 0.0, 100e-6))
+    for s in (GEMM_GPU_E8, GEMM_GPU_E64, SCALE):
+        name = s.name if s is not SCALE else "scale_T16384_d1024_E64_k2"
+        preds.append(Prediction("grouped_gemm", name, "dense_mm", (dense_mm(s, gpu),), 0.0, 0.0, 0.0, 20e-6))
+        # grouped_linear has no activation: the forward kernel without preact (the 'up' layout, d -> h).
+        for backend, mm in (("cuda", cuda_grouped_mm), ("triton", triton_grouped_mm)):
+            k = mm(s, gpu, up=True)
+            no_preact = Kernel(k.name, s, k.flops, k.bytes - s.rows * s.h * s.b, k.unit, k.efficiency, k.launches, k.why, k.check)
+            preds.append(Prediction("grouped_gemm", name, backend, (no_preact,), 0.0, 0.0, 0.0, 100e-6))
+    return preds
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+def _si(seconds: float) -> str:
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def _bytes(b: float) -> str:
+    return f"{b / MiB:.1f} MiB" if b >= MiB else f"{b / 1024:.0f} KiB"
+
+
+def _flops(f: float) -> str:
+    return "0" if f == 0 else (f"{f / 1e9:.1f} GFLOP" if f >= 1e8 else f"{f / 1e6:.1f} MFLOP")
+
+
+def render_kernels(gpu: Gpu = H100, markdown: bool = False) -> str:
+    head = ["kernel", "shape", "dtype", "bytes", "FLOPs", "FLOP/B", "bound", "roofline", "predicted", "fraction"]
+    rows = []
+    for k in kernel_table(gpu):
+        intensity = k.flops / k.bytes if k.bytes else 0.0
+        rows.append([k.name, k.shape.name, k.shape.dtype, _bytes(k.bytes), _flops(k.flops), f"{intensity:.0f}",
+                     f"{k.bound(gpu)} ({k.unit})", _si(k.roofline_s(gpu)), _si(k.predicted_s(gpu)),
+                     f"{k.fraction(gpu):.0%}"])
+    return _render(head, rows, markdown, f"Predicted on {gpu.name}")
+
+
+def _render(head, rows, markdown, title) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join(f"{{:{w}}}" for w in widths)
+    return "\n".join([title, fmt.format(*head)] + [fmt.format(*r) for r in rows])
+
+
+def compare(results: dict, gpu: Gpu = H100, markdown: bool = False) -> str:
+    """Measured (a pytest-benchmark JSON of a GPU run) beside predicted, for the rows predicted."""
+    preds = {(p.op, p.shape, p.backend): p for p in benchmark_predictions(gpu)}
+    head = ["op", "shape", "backend", "measured", "predicted", "measured/predicted", "fraction measured", "fraction predicted"]
+    rows = []
+    for bench in results.get("benchmarks", []):
+        info, stats = bench.get("extra_info", {}), bench.get("stats")
+        pred = preds.get((info.get("op"), info.get("shape"), info.get("backend")))
+        if pred is None or not stats or str(info.get("device", "cuda")).startswith("cpu"):
+            continue
+        measured = stats["median"]
+        rows.append([pred.op, pred.shape, pred.backend, _si(measured), _si(pred.predicted_s(gpu)),
+                     f"{measured / pred.predicted_s(gpu):.2f}", f"{pred.roofline_s(gpu) / measured:.1%}",
+                     f"{pred.roofline_s(gpu) / pred.predicted_s(gpu):.1%}"])
+    if not rows:
+        return f"no GPU benchmark row matches a prediction ({len(preds)} predicted)"
+    return _render(head, sorted(rows), markdown, f"Measured vs predicted on {gpu.name} (roofline: benchmarks/gpu_roofline.py)")
+
+
+def detect_gpu(name: str) -> Gpu:
+    """'h100', 'h200', or 'auto' (torch's device name; H100 when there is no CUDA device)."""
+    if name != "auto":
+        return GPUS[name]
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    except Exception:  # noqa: BLE001 - no torch or no driver: fall back to the issue's H100
+        device = ""
+    return H200 if "H200" in device else H100
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="kernels", choices=("kernels", "benchmarks", "compare"))
+    parser.add_argument("results", nargs="?", help="compare: a --benchmark-json file of a GPU run")
+    parser.add_argument("--gpu", default="h100", choices=("h100", "h200", "auto"))
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    gpu = detect_gpu(args.gpu)
+    if args.command == "kernels":
+        print(render_kernels(gpu, args.markdown))
+    elif args.command == "benchmarks":
+        rows = [[p.op, p.shape, p.backend, _si(p.roofline_s(gpu)), _si(p.predicted_s(gpu)),
+                 f"{p.roofline_s(gpu) / p.predicted_s(gpu):.1%}"] for p in benchmark_predictions(gpu)]
+        print(_render(["op", "shape", "backend", "roofline", "predicted", "fraction"], rows, args.markdown,
+                      f"Benchmark rows predicted on {gpu.name}"))
+    else:
+        if not args.results:
+            parser.error("compare needs the benchmark JSON file")
+        with open(args.results) as f:
+            print(compare(json.load(f), gpu, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""benchmarks/gpu_roofline.py: the predicted H100 roofline fractions (pure arithmetic) and the
+comparison of a GPU run's benchmark JSON with them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_roofline as roof
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_grouped_gemm_bytes_and_flops_at_the_scale_shape():
+    # Down-projection h -> d at T = 16384, k = 2, E = 64, bf16: a, every expert's weight and out once.
+    kernel = roof.cuda_grouped_mm(roof.SCALE, up=False)
+    rows, d, h, experts = 32768, 1024, 4096, 64
+    assert kernel.flops == 2 * rows * d * h
+    assert kernel.bytes == 2 * (rows * h + experts * h * d + rows * d)
+    assert kernel.unit == "tensor"
+    # 275 GFLOP at 989 TFLOP/s is 278 us; 832 MiB at 3.35 TB/s is 260 us: compute-bound, barely.
+    assert kernel.bound(roof.H100) == "compute"
+    assert kernel.roofline_s(roof.H100) == pytest.approx(2 * rows * d * h / 989e12)
+
+
+@pytest.mark.parametrize("gpu", [roof.H100, roof.H200], ids=["h100", "h200"])
+def test_every_prediction_is_no_faster_than_its_roofline(gpu):
+    kernels = roof.kernel_table(gpu)
+    assert len(kernels) > 40
+    for k in kernels:
+        assert k.roofline_s(gpu) == max(k.flops / k.peak(gpu), k.bytes / gpu.hbm), k.name
+        assert k.predicted_s(gpu) > k.roofline_s(gpu), k.name
+        assert 0 < k.fraction(gpu) < 1, k.name
+    for p in roof.benchmark_predictions(gpu):
+        assert p.predicted_s(gpu) >= p.roofline_s(gpu) > 0, (p.op, p.shape, p.backend)
+
+
+def test_h200_bandwidth_speeds_up_memory_bound_kernels_only():
+    permute = roof.triton_permute(roof.SCALE)
+    gemm = roof.triton_grouped_mm(roof.GEMM_GPU_E8)
+    assert permute.bound(roof.H100) == "memory" and gemm.bound(roof.H100) == "compute"
+    assert permute.predicted_s(roof.H200) < 0.8 * permute.predicted_s(roof.H100)
+    assert gemm.predicted_s(roof.H200) == pytest.approx(gemm.predicted_s(roof.H100), rel=0.05)
+
+
+def test_cuda_gating_forward_cannot_reach_the_copy_roofline():
+    # 2 E FLOPs per x element in fp32 SIMT: above the fp32 ridge (67 / 3.35 = 20 FLOP/B) at E = 64,
+    # so the kernel is compute-bound however well it streams x; the tensor-core Triton path is not.
+    cuda = roof.cuda_gating_forward(roof.GATING_GPU)
+    triton = roof.triton_gating_forward(roof.GATING_GPU)
+    copy_s = roof.GATING_GPU.T * roof.GATING_GPU.d * 2 / roof.H100.hbm
+    assert cuda.bound(roof.H100) == "compute" and cuda.unit == "fp32"
+    assert cuda.predicted_s(roof.H100) > 10 * copy_s
+    assert triton.bound(roof.H100) == "memory"
+    assert triton.predicted_s(roof.H100) < cuda.predicted_s(roof.H100) / 5
+
+
+def test_wider_experts_move_the_gemm_weights_out_of_l2():
+    # E = 8 experts of 4096 x 14336 bf16 (112 MiB each) do not fit in L2: the CUDA kernel's
+    # tile-major order re-reads them per group of concurrent row tiles, Triton's GROUP_M = 8 less.
+    s = roof.GEMM_GPU_E8
+    once = s.E * s.d * s.h * 2
+    cuda = roof._weight_reads(s, 128, 128, s.d, s.h, 2 * roof.H100.sms, None)
+    triton = roof._weight_reads(s, 128, 128, s.d, s.h, roof.H100.sms, 8)
+    assert cuda > triton > once
+    small = roof.SCALE  # 8 MiB per expert: read once
+    assert roof._weight_reads(small, 128, 128, small.d, small.h, 264, None) == small.E * small.d * small.h * 2
+
+
+def _result(op, shape, backend, median, device="cuda:0"):
+    return {"name": f"test_{op}[{shape}-{backend}]", "stats": {"median": median},
+            "extra_info": {"op": op, "shape": shape, "backend": backend, "device": device}}
+
+
+def test_compare_puts_measured_beside_predicted():
+    shape = "gpu_T16384_d4096_h14336_E8"
+    predicted = next(p for p in roof.benchmark_predictions(roof.H100)
+                     if (p.op, p.shape, p.backend) == ("grouped_gemm", shape, "cuda"))
+    measured = 2 * predicted.predicted_s(roof.H100)
+    results = {"benchmarks": [
+        _result("grouped_gemm", shape, "cuda", measured),
+        _result("grouped_gemm", shape, "triton", 0.01, device="cpu"),  # a CPU row: not a GPU measurement
+        _result("no_such_op", shape, "cuda", 1.0),
+        {"name": "untimed", "stats": None, "extra_info": {"op": "grouped_gemm", "shape": shape, "backend": "triton"}},
+    ]}
+    text = roof.compare(results, roof.H100)
+    lines = [line for line in text.splitlines() if line.startswith("grouped_gemm")]
+    assert len(lines) == 1 and " cuda " in lines[0]
+    assert "2.00" in lines[0]  # measured / predicted
+    fraction = predicted.roofline_s(roof.H100) / measured
+    assert f"{fraction:.1%}" in lines[0]
+    assert "no GPU benchmark row" in roof.compare({"benchmarks": []}, roof.H100)
+
+
+def test_cli_prints_the_tables(tmp_path, capsys):
+    assert roof.main(["kernels", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| kernel |") and "cuda grouped_mm_tc_kernel<bf16,128>" in out
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": [_result("permute_unpermute_forward", roof.SCALE.name, "triton", 1e-4)]}))
+    assert roof.main(["compare", str(path), "--gpu", "h200"]) == 0
+    assert "H200" in capsys.readouterr().out
+
+
+def test_predicted_rows_name_real_benchmarks():
+    # The (op, shape) keys must be the ones benchmarks/*.py record, or compare() matches nothing.
+    sources = {p.name: p.read_text() for p in (ROOT / "benchmarks").glob("bench_*.py")}
+    text = "\n".join(sources.values()) + (ROOT / "benchmarks" / "shapes.py").read_text()
+    for p in roof.benchmark_predictions(roof.H100):
+        op = p.op.replace("_forward_backward", "_{mode}").replace("_forward", "_{mode}")
+        assert p.op in text or op in text, p.op
+        assert p.shape in text or p.shape.startswith("scale_T16384_d1024_E64_k2"), p.shape
