@@ -235,12 +235,22 @@ def cuda_unpermute_backward(s: Shape, gpu: Gpu = H100) -> Kernel:
                   check="dram throughput; barrier stalls")
 
 
-def _wmma_efficiency(k_steps: int, items: int, concurrent: int) -> float:
-    # Warp tile 32 x 64 reads 3 KiB of shared memory per 64 KFLOP: 2/3 of the tensor peak at
-    # 128 B/clk/SM, about the mma.sync ceiling; both pipes near saturation overlap imperfectly (0.8).
+def smem_cap(warp_m: int, warp_n: int) -> float:
+    """Tensor-peak fraction that shared-memory bandwidth allows a warp tile fed by fragment loads.
+
+    Per k16 step a warp loads 32 (warp_m + warp_n) bytes of fragments for 32 warp_m warp_n FLOPs;
+    an SM serves 128 B/clk of shared memory against 4096 dense bf16 FLOP/clk of tensor cores.
+    """
+    bytes_per_flop = (warp_m + warp_n) / (warp_m * warp_n)
+    return min(1.0, 128 / (4096 * bytes_per_flop))
+
+
+def _wmma_efficiency(k_steps: int, items: int, concurrent: int, warp_n: int = 64) -> float:
+    # Warp tile 32 x 64 (BM = 128; 32 x 32 for BM = 64): shared memory caps it at 2/3 (1/2) of the
+    # tensor peak, about the mma.sync ceiling; both pipes near saturation overlap imperfectly (0.8).
     # Single shared buffer + register prefetch, 2 barriers per K step, 2 CTAs/SM: ~0.75.
     # Epilogue (fp32 staging, scalar 16-bit stores, GELU): ~3 K steps per tile. Waves: tail.
-    core = min(MMA_SYNC_CEILING, 2 / 3) * 0.8 * 0.75
+    core = min(MMA_SYNC_CEILING, smem_cap(32, warp_n)) * 0.8 * 0.75
     epilogue = k_steps / (k_steps + 3)
     waves = items / concurrent
     tail = waves / math.ceil(waves)
@@ -270,7 +280,7 @@ def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
     concurrent = 2 * gpu.sms
     w = _weight_reads(s, bm, 128, k, n, concurrent, None)
     ideal = s.rows * k * s.b + s.E * k * n * s.b + s.rows * n * s.b * (2 if up else 1)  # up: preact too
-    eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent)
+    eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent, warp_n=64 if bm == 128 else 32)
     modelled = ideal - s.E * k * n * s.b + w
     roofline = max(flops / gpu.tensor_flops, ideal / gpu.hbm)
     work = max(flops / (gpu.tensor_flops * eff), modelled / (gpu.hbm * 0.85))
@@ -509,13 +519,21 @@ def _flops(f: float) -> str:
 
 
 def render_kernels(gpu: Gpu = H100, markdown: bool = False) -> str:
-    head = ["kernel", "shape", "dtype", "bytes", "FLOPs", "FLOP/B", "bound", "roofline", "predicted", "fraction"]
     rows = []
     for k in kernel_table(gpu):
         intensity = k.flops / k.bytes if k.bytes else 0.0
-        rows.append([k.name, k.shape.name, k.shape.dtype, _bytes(k.bytes), _flops(k.flops), f"{intensity:.0f}",
-                     f"{k.bound(gpu)} ({k.unit})", _si(k.roofline_s(gpu)), _si(k.predicted_s(gpu)),
-                     f"{k.fraction(gpu):.0%}"])
+        bound = f"{k.bound(gpu)}, {k.unit} ({intensity:.0f} FLOP/B)"
+        if markdown:
+            rows.append([k.name, k.shape.name, k.shape.dtype, _bytes(k.bytes), _flops(k.flops), bound,
+                         f"{_si(k.predicted_s(gpu))} (roofline {_si(k.roofline_s(gpu))})", f"{k.fraction(gpu):.0%}", k.check])
+        else:
+            rows.append([k.name, k.shape.name, k.shape.dtype, _bytes(k.bytes), _flops(k.flops), bound,
+                         _si(k.roofline_s(gpu)), _si(k.predicted_s(gpu)), f"{k.fraction(gpu):.0%}"])
+    if markdown:
+        head = ["kernel", "shape", "dtype", "bytes", "FLOPs", "bound", f"predicted time on {gpu.name}",
+                "predicted fraction", "what the first GPU run should check"]
+    else:
+        head = ["kernel", "shape", "dtype", "bytes", "FLOPs", "bound", "roofline", "predicted", "fraction"]
     return _render(head, rows, markdown, f"Predicted on {gpu.name}")
 
 

@@ -110,3 +110,13 @@ def test_predicted_rows_name_real_benchmarks():
         op = p.op.replace("_forward_backward", "_{mode}").replace("_forward", "_{mode}")
         assert p.op in text or op in text, p.op
         assert p.shape in text or p.shape.startswith("scale_T16384_d1024_E64_k2"), p.shape
+
+
+def test_shared_memory_caps_the_wmma_warp_tiles():
+    # 32 x 64 warp tile: 3 KiB of fragments per 64 KFLOP -> 2/3 of the tensor peak; 32 x 32: 1/2.
+    assert roof.smem_cap(32, 64) == pytest.approx(2 / 3)
+    assert roof.smem_cap(32, 32) == pytest.approx(1 / 2)
+    # Fewer than 128 rows per expert on average: BM = 64 tiles, 32 x 32 warp tiles, a lower rate.
+    sparse = roof.Shape("sparse", 4096, 1024, 4096, 64, 2)
+    assert roof.cuda_grouped_mm(sparse).name.startswith("cuda grouped_mm_tc_kernel<bf16,64>")
+    assert roof.cuda_grouped_mm(sparse).efficiency < roof.cuda_grouped_mm(roof.SCALE).efficiency
