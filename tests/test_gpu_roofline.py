@@ -117,6 +117,6 @@ def test_shared_memory_caps_the_wmma_warp_tiles():
     assert roof.smem_cap(32, 64) == pytest.approx(2 / 3)
     assert roof.smem_cap(32, 32) == pytest.approx(1 / 2)
     # Fewer than 128 rows per expert on average: BM = 64 tiles, 32 x 32 warp tiles, a lower rate.
-    sparse = roof.Shape("sparse", 4096, 1024, 4096, 64, 2)
+    sparse = roof.Shape("sparse", 2048, 1024, 4096, 64, 2)  # 64 rows per expert
     assert roof.cuda_grouped_mm(sparse).name.startswith("cuda grouped_mm_tc_kernel<bf16,64>")
     assert roof.cuda_grouped_mm(sparse).efficiency < roof.cuda_grouped_mm(roof.SCALE).efficiency
