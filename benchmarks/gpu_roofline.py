@@ -283,7 +283,9 @@ def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
     eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent, warp_n=64 if bm == 128 else 32)
     modelled = ideal - s.E * k * n * s.b + w
     roofline = max(flops / gpu.tensor_flops, ideal / gpu.hbm)
-    work = max(flops / (gpu.tensor_flops * eff), modelled / (gpu.hbm * 0.85))
+    # Memory side: the register prefetch keeps one A and one B tile per CTA in flight, 2 CTAs per SM.
+    mem_eff = _memory_efficiency(gpu, 2 * (bm + 128) * 32 * s.b)
+    work = max(flops / (gpu.tensor_flops * eff), modelled / (gpu.hbm * mem_eff))
     return Kernel(f"cuda grouped_mm_tc_kernel<{s.dtype},{bm}> {'d->h' if up else 'h->d'}", s, flops, ideal, "tensor",
                   roofline / work, launches=3,
                   why=f"WMMA (mma.sync) m16n16k16, smem-bound warp tile, no cp.async/multistage: {eff:.0%} of wgmma peak; "
