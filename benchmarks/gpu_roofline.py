@@ -268,10 +268,19 @@ def _weight_reads(s: Shape, block_m: int, block_n: int, k: int, n: int, concurre
     return s.E * per_expert * max(1.0, tiles_e / together)
 
 
-def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+def _gemm_bytes(s: Shape, k: int, n: int, b: int, preact: bool) -> float:
+    """a rows, every expert's (k, n) weight and the output once; the pre-activation too if saved."""
+    return s.rows * k * b + s.E * k * n * b + s.rows * n * b * (2 if preact else 1)
+
+
+def _direction(up: bool, preact: bool | None) -> str:
+    return ("d->h" if up else "h->d") + (" +preact" if (up if preact is None else preact) else "")
+
+
+def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True, preact: bool | None = None) -> Kernel:
     """grouped_mm_tc_kernel<bf16, 128>: 128 x 128 x 32 tiles, 8 warps (4 x 2, 32 x 64 each), WMMA."""
     if s.dtype == "fp32":
-        return cuda_grouped_mm_simt(s, gpu, up)
+        return cuda_grouped_mm_simt(s, gpu, up, preact)
     k, n = (s.d, s.h) if up else (s.h, s.d)
     bm = 128 if s.rows >= 128 * s.E else 64
     flops = 2.0 * s.rows * k * n
@@ -279,29 +288,29 @@ def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
     items = row_tiles * math.ceil(n / 128)
     concurrent = 2 * gpu.sms
     w = _weight_reads(s, bm, 128, k, n, concurrent, None)
-    ideal = s.rows * k * s.b + s.E * k * n * s.b + s.rows * n * s.b * (2 if up else 1)  # up: preact too
+    ideal = _gemm_bytes(s, k, n, s.b, up if preact is None else preact)
     eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent, warp_n=64 if bm == 128 else 32)
     modelled = ideal - s.E * k * n * s.b + w
     roofline = max(flops / gpu.tensor_flops, ideal / gpu.hbm)
     # Memory side: the register prefetch keeps one A and one B tile per CTA in flight, 2 CTAs per SM.
     mem_eff = _memory_efficiency(gpu, 2 * (bm + 128) * 32 * s.b)
     work = max(flops / (gpu.tensor_flops * eff), modelled / (gpu.hbm * mem_eff))
-    return Kernel(f"cuda grouped_mm_tc_kernel<{s.dtype},{bm}> {'d->h' if up else 'h->d'}", s, flops, ideal, "tensor",
+    return Kernel(f"cuda grouped_mm_tc_kernel<{s.dtype},{bm}> {_direction(up, preact)}", s, flops, ideal, "tensor",
                   roofline / work, launches=3,
                   why=f"WMMA (mma.sync) m16n16k16, smem-bound warp tile, no cp.async/multistage: {eff:.0%} of wgmma peak; "
                       f"weights {w / MiB:.0f} MiB from HBM",
                   check="tensor pipe ~35 %, stalls barrier/long-scoreboard; vs dense_mm (cuBLAS wgmma ~70 %)")
 
 
-def cuda_grouped_mm_simt(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+def cuda_grouped_mm_simt(s: Shape, gpu: Gpu = H100, up: bool = True, preact: bool | None = None) -> Kernel:
     """grouped_mm_simt_kernel: 64 x 64 x 16 fp32 tiles, 4 x 4 outputs per thread."""
     k, n = (s.d, s.h) if up else (s.h, s.d)
     flops = 2.0 * s.rows * k * n
-    ideal = s.rows * k * 4 + s.E * k * n * 4 + s.rows * n * 4 * (2 if up else 1)
+    ideal = _gemm_bytes(s, k, n, 4, up if preact is None else preact)
     # 8 scalar LDS (4 of A, 4 of B, strided: not vectorisable) per 16 FMA: half the FMA peak at
     # 1 LDS wavefront/clk vs 4 FMA warp-instructions/clk; single buffer + barriers: x 0.7.
     eff = 0.5 * 0.7
-    return Kernel("cuda grouped_mm_simt_kernel (fp32)", s, flops, ideal, "fp32", eff, launches=3,
+    return Kernel(f"cuda grouped_mm_simt_kernel (fp32) {_direction(up, preact)}", s, flops, ideal, "fp32", eff, launches=3,
                   why="8 LDS per 16 FMA: LDS-bound at 50 % of FMA peak; register prefetch only",
                   check="fp32 pipe ~35 %")
 
@@ -364,11 +373,11 @@ def triton_unpermute_backward(s: Shape, gpu: Gpu = H100) -> Kernel:
                   check="dram throughput ~70 %")
 
 
-def triton_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
+def triton_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True, preact: bool | None = None) -> Kernel:
     """_grouped_mm_kernel: 128 x 128 x 64 (bf16), 8 warps, 4 stages, GROUP_M 8."""
     k, n = (s.d, s.h) if up else (s.h, s.d)
     flops = 2.0 * s.rows * k * n
-    ideal = s.rows * k * s.b + s.E * k * n * s.b + s.rows * n * s.b * (2 if up else 1)
+    ideal = _gemm_bytes(s, k, n, s.b, up if preact is None else preact)
     w = _weight_reads(s, 128, 128, k, n, gpu.sms, 8)
     modelled = ideal - s.E * k * n * s.b + w
     if s.dtype == "fp32":
@@ -379,7 +388,7 @@ def triton_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
         unit, eff = "tensor", 0.55
     roofline = max(flops / (gpu.tensor_flops if unit == "tensor" else gpu.fp32_flops), ideal / gpu.hbm)
     work = max(roofline / eff, modelled / (gpu.hbm * 0.85))
-    return Kernel(f"triton _grouped_mm_kernel ({s.dtype}) {'d->h' if up else 'h->d'}", s, flops, ideal, unit,
+    return Kernel(f"triton _grouped_mm_kernel ({s.dtype}) {_direction(up, preact)}", s, flops, ideal, unit,
                   roofline / work, launches=12,
                   why=f"tl.dot -> wgmma, 4-stage cp.async pipeline, 1 CTA/SM (128 KiB of stages): ~{eff:.0%}; "
                       "~11 small torch ops build the tile schedule",
@@ -495,11 +504,9 @@ def benchmark_predictions(gpu: Gpu = H100) -> list[Prediction]:
     for s in (GEMM_GPU_E8, GEMM_GPU_E64, SCALE):
         name = s.name if s is not SCALE else "scale_T16384_d1024_E64_k2"
         preds.append(Prediction("grouped_gemm", name, "dense_mm", (dense_mm(s, gpu),), 0.0, 0.0, 0.0, 20e-6))
-        # grouped_linear has no activation: the forward kernel without preact (the 'up' layout, d -> h).
+        # grouped_linear (d -> h) has no activation, so no pre-activation is written.
         for backend, mm in (("cuda", cuda_grouped_mm), ("triton", triton_grouped_mm)):
-            k = mm(s, gpu, up=True)
-            no_preact = Kernel(k.name, s, k.flops, k.bytes - s.rows * s.h * s.b, k.unit, k.efficiency, k.launches, k.why, k.check)
-            preds.append(Prediction("grouped_gemm", name, backend, (no_preact,), 0.0, 0.0, 0.0, 100e-6))
+            preds.append(Prediction("grouped_gemm", name, backend, (mm(s, gpu, up=True, preact=False),), 0.0, 0.0, 0.0, 100e-6))
     return preds
 
 
