@@ -430,7 +430,7 @@ def kernel_table(gpu: Gpu = H100) -> list[Kernel]:
                  cuda_weight_grad(s, gpu), triton_weight_grad(s, gpu)]
     rows += [cuda_gating_forward(GATING_GPU, gpu), triton_gating_forward(GATING_GPU, gpu)]
     for s in (GEMM_GPU_E8, GEMM_GPU_E64):
-        rows += [dense_mm(s, gpu), cuda_grouped_mm(s, gpu), triton_grouped_mm(s, gpu)]
+        rows += [dense_mm(s, gpu), cuda_grouped_mm(s, gpu, preact=False), triton_grouped_mm(s, gpu, preact=False)]
     return rows
 
 
@@ -599,9 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "kernels":
         print(render_kernels(gpu, args.markdown))
     elif args.command == "benchmarks":
-        rows = [[p.op, p.shape, p.backend, _si(p.roofline_s(gpu)), _si(p.predicted_s(gpu)),
+        rows = [[p.op, p.shape, p.kernels[0].shape.dtype, p.backend, _si(p.roofline_s(gpu)), _si(p.predicted_s(gpu)),
                  f"{p.roofline_s(gpu) / p.predicted_s(gpu):.1%}"] for p in benchmark_predictions(gpu)]
-        print(_render(["op", "shape", "backend", "roofline", "predicted", "fraction"], rows, args.markdown,
+        print(_render(["op", "shape", "dtype", "backend", "roofline", "predicted", "fraction"], rows, args.markdown,
                       f"Benchmark rows predicted on {gpu.name}"))
     else:
         if not args.results:
