@@ -37,6 +37,7 @@ class Gpu:
     l2_bw: float  # bytes/s, L2 -> SM (an assumption: microbenchmarks put the H100's at ~5.5-7 TB/s)
     sms: int
     smem_per_sm: int  # bytes of shared memory a CTA can use per SM
+    clock: float = 1.83e9  # Hz under load (989 TFLOP/s = 132 SMs x 4096 FLOP/clk x 1.83 GHz)
 
 
 H100 = Gpu("H100 SXM", 989e12, 67e12, 3.35e12, 50e6, 5.5e12, 132, 228 * 1024)
@@ -58,6 +59,15 @@ DRAM_LATENCY_S = 700e-9
 # mma.sync (what nvcuda::wmma compiles to) on Hopper: microbenchmark studies report roughly two
 # thirds of the wgmma dense rate; this is the ceiling of any WMMA kernel on an H100.
 MMA_SYNC_CEILING = 0.65
+# A load issued after a barrier and waited for before the next (no double buffering): x from HBM
+# and W from L2 under load, plus the barriers, in SM cycles (~0.8 us).
+TILE_LATENCY_CYCLES = 1500
+# bf16 WMMA on sm_90 (nvcc 13 SASS): each 16 x 16 fragment is 4 generic 32-bit loads (LD.E, not
+# LDSM), and the row-major B fragments (and the weight grad's col-major A) need MOVM transposes:
+# per K step of 32 a warp issues 48 loads + 32 MOVM (forward) or 48 + 48 (weight grad); fp16 uses
+# LDSM (12 per step, the same 48 wavefronts) and no MOVM. A MOVM is assumed to cost a shared
+# wavefront, so bf16 gets 48 / (48 + MOVM) of the shared-memory cap.
+BF16_MOVM_PER_STEP = {"forward": 32, "weight_grad": 48}
 
 
 @dataclass(frozen=True)
@@ -128,23 +138,27 @@ def cuda_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> Ker
     """gating_forward_kernel: a warp per token, 8 tokens (256 threads) per block, SIMT fp32 logits.
 
     The router weight (d, E) fp32 is staged through shared memory in 32-row tiles by every block
-    (no reuse across blocks: T/8 blocks each read all d*E*4 bytes from L2), and each FMA needs one
-    shared load of W (x is a broadcast): shared-memory bound at E / (128 (EPT + 1/4)) of the FMA
-    peak; two __syncthreads per tile and no double buffering expose the L2 latency (x 1.3).
+    (no reuse across blocks: T/8 blocks each read all d*E*4 bytes from L2). The sm_90 SASS has, per
+    row of a tile, EPT shared loads of W and one (unvectorised) broadcast load of x for EPT FMAs:
+    shared-memory bound at E / (128 (EPT + 1)) of the FMA peak. 111 registers: 2 CTAs (16 warps)
+    per SM, and each tile's loads (x from HBM, W from L2) wait behind a barrier with no double
+    buffering (~TILE_LATENCY_CYCLES), hidden only by the other CTA's compute.
     """
     T, d, E, k = s.T, s.d, s.E, s.k
     blocks = math.ceil(T / 8)
     ept = next(p for p in (1, 2, 4, 8) if 32 * p >= E)
     flops = 2.0 * T * d * E
     hbm = T * d * s.b + d * E * 4 + T * E * 4 * (2 if training else 1) + T * k * 12 + T * 12 + blocks * E * 16
-    lds_eff = E / (128 * (ept + 0.25))
-    l2_s = blocks * d * E * 4 / gpu.l2_bw
-    work_s = 1.3 * max(flops / (gpu.fp32_flops * lds_eff), l2_s)
+    lds_eff = E / (128 * (ept + 1))
+    compute_cycles = 32 * (ept + 1) * 8  # one tile of one CTA: 32 rows x wavefronts x 8 warps
+    rounds = math.ceil(blocks / (2 * gpu.sms))
+    tile_pair = max(2 * compute_cycles, TILE_LATENCY_CYCLES + compute_cycles)
+    work_s = max(rounds * math.ceil(d / 32) * tile_pair / gpu.clock, blocks * d * E * 4 / gpu.l2_bw)
     roofline = max(flops / gpu.fp32_flops, hbm / gpu.hbm)
     return Kernel("cuda gating_forward_kernel", s, flops, hbm, "fp32", roofline / work_s,
-                  why=f"SIMT fp32 router GEMM in the kernel: LDS-bound at {lds_eff:.0%} of FMA peak; W re-staged from L2 "
-                      f"by all {blocks} blocks ({blocks * d * E * 4 / MiB:.0f} MiB); no double buffering",
-                  check="ncu: shared pipe (l1tex data-pipe lsu) ~busy, FMA <30 % of peak, lts bytes ~= T/8 x d x E x 4")
+                  why=f"SIMT fp32 router GEMM in the kernel: shared loads cap it at {lds_eff:.0%} of FMA peak, tile loads "
+                      f"behind barriers with 2 CTAs/SM; W re-staged from L2 by all {blocks} blocks ({blocks * d * E * 4 / MiB:.0f} MiB)",
+                  check="ncu: shared pipe busy, FMA <20 % of peak, stall barrier/long-scoreboard, lts bytes ~= T/8 x d x E x 4")
 
 
 def _gating_backward_bytes(s: Shape, training: bool) -> float:
@@ -211,9 +225,9 @@ def _rows_efficiency(gpu: Gpu, elem: int, ilp: float) -> float:
 def cuda_permute(s: Shape, gpu: Gpu = H100) -> Kernel:
     """scatter_rows_kernel (a block per token, scalar loads/stores) + zero_rows_kernel (no rows)."""
     hbm = s.T * s.d * s.b + s.rows * s.d * s.b + s.rows * 8
-    eff = _rows_efficiency(gpu, s.b, 1.5)
+    eff = _rows_efficiency(gpu, s.b, 1)  # SASS: one LDG + one STG per loop iteration, no unrolling
     return Kernel("cuda permute (scatter_rows + zero_rows)", s, 0.0, hbm, "fp32", eff, launches=2,
-                  why=f"one {s.b}-byte access per thread per iteration, ~1.5 loads in flight: {eff:.0%} of HBM by Little's law",
+                  why=f"one {s.b}-byte load per thread in flight (the loop is not unrolled): {eff:.0%} of HBM by Little's law",
                   check="dram throughput; sectors/request of the 16-bit LDG/STG")
 
 
@@ -245,12 +259,17 @@ def smem_cap(warp_m: int, warp_n: int) -> float:
     return min(1.0, 128 / (4096 * bytes_per_flop))
 
 
-def _wmma_efficiency(k_steps: int, items: int, concurrent: int, warp_n: int = 64) -> float:
+def _wmma_efficiency(k_steps: int, items: int, concurrent: int, warp_n: int = 64, dtype: str = "bf16",
+                     kind: str = "forward") -> float:
     # Warp tile 32 x 64 (BM = 128; 32 x 32 for BM = 64): shared memory caps it at 2/3 (1/2) of the
-    # tensor peak, about the mma.sync ceiling; both pipes near saturation overlap imperfectly (0.8).
-    # Single shared buffer + register prefetch, 2 barriers per K step, 2 CTAs/SM: ~0.75.
+    # tensor peak, about the mma.sync ceiling, and bf16's MOVM transposes lower that cap; both pipes
+    # near saturation overlap imperfectly (0.8). Single shared buffer + register prefetch, 2
+    # barriers per K step, 2 CTAs/SM (128 registers, ptxas): ~0.75.
     # Epilogue (fp32 staging, scalar 16-bit stores, GELU): ~3 K steps per tile. Waves: tail.
-    core = min(MMA_SYNC_CEILING, smem_cap(32, warp_n)) * 0.8 * 0.75
+    cap = smem_cap(32, warp_n)
+    if dtype == "bf16":
+        cap *= 48 / (48 + BF16_MOVM_PER_STEP[kind])
+    core = min(MMA_SYNC_CEILING, cap) * 0.8 * 0.75
     epilogue = k_steps / (k_steps + 3)
     waves = items / concurrent
     tail = waves / math.ceil(waves)
@@ -289,7 +308,7 @@ def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True, preact: bool | N
     concurrent = 2 * gpu.sms
     w = _weight_reads(s, bm, 128, k, n, concurrent, None)
     ideal = _gemm_bytes(s, k, n, s.b, up if preact is None else preact)
-    eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent, warp_n=64 if bm == 128 else 32)
+    eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent, warp_n=64 if bm == 128 else 32, dtype=s.dtype)
     modelled = ideal - s.E * k * n * s.b + w
     roofline = max(flops / gpu.tensor_flops, ideal / gpu.hbm)
     # Memory side: the register prefetch keeps one A and one B tile per CTA in flight, 2 CTAs per SM.
@@ -297,7 +316,7 @@ def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True, preact: bool | N
     work = max(flops / (gpu.tensor_flops * eff), modelled / (gpu.hbm * mem_eff))
     return Kernel(f"cuda grouped_mm_tc_kernel<{s.dtype},{bm}> {_direction(up, preact)}", s, flops, ideal, "tensor",
                   roofline / work, launches=3,
-                  why=f"WMMA (mma.sync) m16n16k16, smem-bound warp tile, no cp.async/multistage: {eff:.0%} of wgmma peak; "
+                  why=f"WMMA (mma.sync) m16n16k16, smem-bound warp tile{' + MOVM (bf16)' if s.dtype == 'bf16' else ''}, no cp.async/multistage: {eff:.0%} of wgmma peak; "
                       f"weights {w / MiB:.0f} MiB from HBM",
                   check="tensor pipe ~35 %, stalls barrier/long-scoreboard; vs dense_mm (cuBLAS wgmma ~70 %)")
 
@@ -325,7 +344,7 @@ def cuda_weight_grad(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
                       why="8 LDS per 16 FMA: LDS-bound at 50 % of FMA peak", check="fp32 pipe ~35 %")
     items = s.E * math.ceil(k / 128) * math.ceil(n / 128)
     steps = max(1, math.ceil(s.rows / s.E / 32))
-    eff = _wmma_efficiency(steps, items, 2 * gpu.sms) * steps / (steps + 1)  # first load not overlapped
+    eff = _wmma_efficiency(steps, items, 2 * gpu.sms, dtype=s.dtype, kind="weight_grad") * steps / (steps + 1)  # first load exposed
     return Kernel("cuda weight_grad_tc_kernel", s, flops, ideal, "tensor", eff,
                   why=f"same WMMA core as the forward; {steps} row steps per tile, the first load exposed",
                   check="tensor pipe ~30 %")

@@ -122,3 +122,11 @@ def test_shared_memory_caps_the_wmma_warp_tiles():
     assert roof._wmma_efficiency(32, 1000, 264, warp_n=32) < roof._wmma_efficiency(32, 1000, 264, warp_n=64)
     # ... but 64 rows per expert make it weight-streaming (memory) bound: 64 FLOP/B < the 295 ridge.
     assert roof.cuda_grouped_mm(sparse).bound(roof.H100) == "memory"
+
+
+def test_bf16_wmma_pays_for_its_movm_transposes():
+    # The sm_90 SASS of the bf16 WMMA kernels loads fragments with generic loads and transposes B
+    # with MOVM; fp16 uses LDSM. Same shape, same bytes: bf16 is predicted slower.
+    fp16 = roof.Shape(roof.SCALE.name, 16384, 1024, 4096, 64, 2, "fp16")
+    assert roof.cuda_grouped_mm(roof.SCALE, up=False).predicted_s(roof.H100) > 1.3 * roof.cuda_grouped_mm(fp16, up=False).predicted_s(roof.H100)
+    assert roof.cuda_weight_grad(roof.SCALE).efficiency < roof.cuda_weight_grad(fp16).efficiency
