@@ -20,19 +20,10 @@ struct KernelScope {
 // The argument errors raise c10::ValueError / c10::TypeError, which Python sees as ValueError /
 // TypeError: the same vocabulary as sm4.ops' own checks.
 inline void check_expert_ids(const at::Tensor& expert_ids, int64_t num_experts, const char* op) {
-  TORCH_CHECK_VALUE(expert_ids.dim() == 2, op, ": expert_ids must be (T, k_max), got ", expert_ids.dim(), " dims");
+  TORCH_CHECK_VALUE(expert_ids.dim() == 2, op, ": expert_ids must have shape (T, k_max), got ", expert_ids.sizes());
   TORCH_CHECK_TYPE(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt, op,
                    ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
   TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
-}
-
-// Row indices (e.g. metadata.assignment_row) must lie in [-1, bound): -1 is "no row", anything
-// else is read or written. One pass over the indices before a kernel dereferences them, so a
-// hand-built index can never touch memory outside its tensor; it names the first bad entry.
-inline void check_row_indices(const int64_t* index, int64_t count, int64_t bound, const char* op, const char* name) {
-  for (int64_t i = 0; i < count; ++i)
-    TORCH_CHECK_VALUE(index[i] >= -1 && index[i] < bound, op, ": ", name, " values must lie in [-1, ", bound,
-                      "), but flat entry ", i, " is ", index[i]);
 }
 
 }  // namespace sm4

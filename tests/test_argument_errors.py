@@ -100,12 +100,32 @@ BAD += [
 ]
 
 
+def received_forms(value) -> list[str]:
+    """How a message may state the received value: a tensor's shape, dtype, or (an integer tensor)
+    its smallest or largest value; anything else's repr or type name."""
+    if isinstance(value, torch.Tensor):
+        forms = [str(tuple(value.shape)), str(list(value.shape)), str(value.dtype), str(value.dtype).split(".")[-1]]
+        if value.numel() and not value.is_floating_point():
+            forms += [str(int(value.min())), str(int(value.max()))]
+        return forms
+    if isinstance(value, (tuple, list)):
+        return [type(value).__name__, *(form for item in value for form in received_forms(item))]
+    return [repr(value), str(value), type(value).__name__]
+
+
+def assert_names_argument_and_received_value(error: pytest.ExceptionInfo, argument: str, value):
+    message = str(error.value)
+    assert argument in message, message
+    assert any(form in message for form in received_forms(value)), f"no received value of {argument} in: {message}"
+
+
 @pytest.mark.parametrize("op,argument,value,error", BAD, ids=[f"{op}-{arg}" for op, arg, _, _ in BAD])
 def test_bad_argument_names_itself(op, argument, value, error):
     fn, good = CALLS[op]
     kwargs = {**good, argument: value}
-    with pytest.raises(error, match=argument):
+    with pytest.raises(error) as raised:
         fn(**kwargs)
+    assert_names_argument_and_received_value(raised, argument, value)
 
 
 def test_every_argument_of_every_op_is_listed():
@@ -137,8 +157,9 @@ def test_module_constructor_bad_argument_names_itself(module, argument, value, e
 
     good = dict(d_model=8, num_experts=4, top_k=2)
     good.update({"dim_feedforward": 16} if module == "SparseMoEFFN" else {"nhead": 2, "dim_feedforward": 16})
-    with pytest.raises(error, match=argument):
+    with pytest.raises(error) as raised:
         getattr(sm4, module)(**{**good, argument: value})
+    assert_names_argument_and_received_value(raised, argument, value)
 
 
 @pytest.mark.parametrize("argument,value,error", [
@@ -152,5 +173,43 @@ def test_sparse_ffn_forward_bad_argument_names_itself(argument, value, error):
     kwargs = {"x": torch.randn(3, 8), "router_index": torch.zeros(3, dtype=torch.int64), argument: value}
     if argument == "router_index":
         kwargs["router_index"] = torch.full((3,), 5)
-    with pytest.raises(error, match=argument):
+    with pytest.raises(error) as raised:
         layer(kwargs.pop("x"), **kwargs)
+    assert_names_argument_and_received_value(raised, argument, kwargs.get(argument, value))
+
+
+SRC = torch.randn(2, 3, 8, generator=g)  # (N, L, C), batch_first
+ENCODER_BAD = [  # SM4EncoderLayer.forward: (argument, bad value, exception class)
+    ("src", torch.randn(2, 3, 5), ValueError), ("src", torch.randn(2, 2, 3, 8), ValueError),
+    ("src", SRC.long(), TypeError), ("src", "src", TypeError),
+    ("src_mask", torch.zeros(5, 5), ValueError), ("src_mask", torch.zeros(3, 3, dtype=torch.int64), TypeError),
+    ("src_key_padding_mask", torch.zeros(2, 5, dtype=torch.bool), ValueError),
+    ("src_key_padding_mask", torch.zeros(2, 3, dtype=torch.int64), TypeError),
+    ("is_causal", "yes", TypeError), ("is_causal", True, ValueError),  # True needs src_mask
+    ("token_k", torch.ones(2, 4, dtype=torch.int64), ValueError), ("token_k", torch.ones(2, 3), TypeError),
+    ("token_k", torch.full((2, 3), 5), ValueError),
+    ("router_index", torch.zeros(2, 4, dtype=torch.int64), ValueError), ("router_index", torch.zeros(2, 3), TypeError),
+    ("router_index", torch.full((2, 3), 7), ValueError), ("router_index", None, ValueError),  # num_routers = 2
+]
+
+
+@pytest.mark.parametrize("argument,value,error", ENCODER_BAD, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(ENCODER_BAD)])
+def test_encoder_layer_forward_bad_argument_names_itself(argument, value, error):
+    import sm4
+
+    layer = sm4.SM4EncoderLayer(8, 2, 16, num_experts=4, top_k=2, num_routers=2, batch_first=True)
+    kwargs = {"src": SRC, "router_index": torch.zeros(2, 3, dtype=torch.int64), argument: value}
+    with pytest.raises(error) as raised:
+        layer(**kwargs)
+    assert_names_argument_and_received_value(raised, argument, value)
+
+
+def test_every_forward_argument_of_the_modules_is_listed():
+    import inspect
+
+    import sm4
+
+    covered = {"SM4EncoderLayer": {a for a, _, _ in ENCODER_BAD}, "SparseMoEFFN": {"x", "token_k", "router_index"}}
+    for module, arguments in covered.items():
+        params = set(inspect.signature(getattr(sm4, module).forward).parameters) - {"self"}
+        assert params == arguments, f"{module}.forward: no bad-value case for {params - arguments}"

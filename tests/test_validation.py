@@ -104,6 +104,8 @@ MIXED = [  # (x, router, expert weights): the combinations the contract accepts 
     (torch.float16, torch.float32, torch.float32),
     (torch.float32, torch.float32, torch.float16),
     (torch.float64, torch.float64, torch.float64),
+    (torch.float32, torch.float64, torch.float32),  # an fp64 router with fp32 x and experts
+    (torch.float64, torch.float32, torch.float32),  # fp32 weights cast to fp64 rows
 ]
 
 

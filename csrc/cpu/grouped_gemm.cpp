@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "index_checks.h"
 #include "blas_gemm.h"
 
 namespace sm4 {
@@ -41,18 +42,11 @@ struct WorkItem {
 
 // Reads expert_offsets (a CPU tensor: no sync), checks it, and cuts each expert into row blocks.
 std::vector<WorkItem> plan_work(const at::Tensor& expert_offsets, int64_t num_experts, int64_t num_rows, const char* op) {
-  TORCH_CHECK(expert_offsets.dim() == 1 && expert_offsets.numel() == num_experts + 1 &&
-                  expert_offsets.scalar_type() == at::kLong,
-              op, ": expert_offsets must be (E + 1,) = (", num_experts + 1, ",) int64, got ", expert_offsets.sizes(), " ",
-              expert_offsets.scalar_type());
+  check_offsets(expert_offsets, num_experts, num_rows, op);
   const at::Tensor offsets = expert_offsets.contiguous();
   const int64_t* offset = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(offset[0] == 0 && offset[num_experts] <= num_rows, op, ": expert_offsets must start at 0 and end at most at ",
-              num_rows, " (the number of rows), got [", offset[0], ", ..., ", offset[num_experts], "]");
   std::vector<WorkItem> items;
   for (int64_t e = 0; e < num_experts; ++e) {
-    TORCH_CHECK(offset[e] <= offset[e + 1], op, ": expert_offsets must be non-decreasing, got ", offset[e], " then ",
-                offset[e + 1], " at expert ", e);
     for (int64_t row = offset[e]; row < offset[e + 1]; row += kRowBlock)
       items.push_back({e, row, std::min(kRowBlock, offset[e + 1] - row)});
   }
@@ -75,20 +69,8 @@ at::Tensor sorted_rows(const at::Tensor& source, const c10::optional<at::Tensor>
 
 void check_index(const c10::optional<at::Tensor>& index, const char* name, int64_t rows, int64_t bound, const char* op) {
   if (!index) return;
-  TORCH_CHECK(index->dim() == 1 && index->scalar_type() == at::kLong, op, ": ", name, " must be 1-D int64, got ",
-              index->sizes(), " ", index->scalar_type());
-  TORCH_CHECK(index->numel() == rows, op, ": ", name, " must have ", rows, " entries, got ", index->numel());
-  if (rows) {
-    // A plain pass over a CPU index (cheaper than aminmax + two item() calls at these sizes).
-    const at::Tensor values = index->contiguous();
-    const int64_t* v = values.data_ptr<int64_t>();
-    int64_t low = v[0], high = v[0];
-    for (int64_t i = 1; i < rows; ++i) {
-      low = v[i] < low ? v[i] : low;
-      high = v[i] > high ? v[i] : high;
-    }
-    TORCH_CHECK(low >= 0 && high < bound, op, ": ", name, " values must lie in [0, ", bound, "), got [", low, ", ", high, "]");
-  }
+  check_shape(*index, {rows}, op, name, "(M,), M the sorted rows");
+  checked_index(*index, 0, bound, op, name);
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const at::Tensor& weight,
@@ -103,30 +85,30 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const 
   const KernelScope scope;
   const at::Tensor a = a_in.detach();
   const c10::optional<at::Tensor> bias = bias_in ? c10::optional<at::Tensor>(bias_in->detach()) : c10::nullopt;
-  TORCH_CHECK(a.dim() == 2 && weight.dim() == 3, op, ": need a (rows, K) and weight (E, K, N) (or (E, N, K) transposed), got ",
-              a.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == a.scalar_type(), op, ": weight must have a's dtype ", a.scalar_type(), ", got ",
-              weight.scalar_type());
-  TORCH_CHECK(activation >= 0 && activation <= 2, op, ": activation must be 0 (none), 1 (gelu) or 2 (gelu_tanh), got ", activation);
+  check_shape(a, {-1, -1}, op, "a", "(rows, K)");
+  check_floating(a, op, "a");
+  check_shape(weight, {-1, -1, -1}, op, "weight", "(E, K, N) (or (E, N, K) transposed)");
+  check_dtype(weight, a.scalar_type(), op, "weight (a's dtype)");
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, op, ": activation must be 0 (none), 1 (gelu) or 2 (gelu_tanh), got ",
+                    activation);
+  TORCH_CHECK_VALUE(num_out_rows >= 0, op, ": num_out_rows must be >= 0, got ", num_out_rows);
   const int64_t num_experts = weight.size(0);
   const int64_t in_features = transpose_weight ? weight.size(2) : weight.size(1);
   const int64_t out_features = transpose_weight ? weight.size(1) : weight.size(2);
-  TORCH_CHECK(a.size(1) == in_features, op, ": a has ", a.size(1), " features, weight expects ", in_features);
+  TORCH_CHECK_VALUE(a.size(1) == in_features, op, ": a must have the weight's K = ", in_features, " features, got ",
+                    a.size(1));
   if (bias) {
-    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == num_experts && bias->size(1) == out_features &&
-                    bias->scalar_type() == a.scalar_type(),
-                op, ": bias must be (E, N) = (", num_experts, ", ", out_features, ") ", a.scalar_type(), ", got ",
-                bias->sizes(), " ", bias->scalar_type());
+    check_shape(*bias, {num_experts, out_features}, op, "bias", "(E, N)");
+    check_dtype(*bias, a.scalar_type(), op, "bias (a's dtype)");
   }
   const int64_t rows = gather_index ? gather_index->numel() : a.size(0);
   check_index(gather_index, "gather_index", rows, a.size(0), op);
   check_index(scatter_index, "scatter_index", rows, num_out_rows, op);
-  TORCH_CHECK(scatter_index || num_out_rows == rows, op, ": without scatter_index, num_out_rows must be the row count ", rows,
-              ", got ", num_out_rows);
+  TORCH_CHECK_VALUE(scatter_index || num_out_rows == rows, op,
+                    ": without scatter_index, num_out_rows must be the row count ", rows, ", got ", num_out_rows);
   if (scatter_scale) {
-    TORCH_CHECK(scatter_scale->dim() == 1 && scatter_scale->numel() == rows && scatter_scale->is_floating_point(), op,
-                ": scatter_scale must be a float (", rows, ",) tensor, got ", scatter_scale->sizes(), " ",
-                scatter_scale->scalar_type());
+    check_shape(*scatter_scale, {rows}, op, "scatter_scale", "(M,), M the sorted rows");
+    check_floating(*scatter_scale, op, "scatter_scale");
   }
   const std::vector<WorkItem> items = plan_work(expert_offsets, num_experts, rows, op);
   const int64_t active_rows = items.empty() ? 0 : items.back().first_row + items.back().rows;
@@ -242,16 +224,17 @@ std::tuple<at::Tensor, at::Tensor> grouped_weight_grad_cpu(const at::Tensor& a_i
   const char* op = "sm4.grouped_weight_grad";
   const KernelScope scope;
   const at::Tensor a = a_in.detach(), grad = grad_in.detach();
-  TORCH_CHECK(a.dim() == 2 && grad.dim() == 2, op, ": need a (rows, K) and grad (rows, N), got ", a.sizes(), " and ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == a.scalar_type(), op, ": grad must have a's dtype ", a.scalar_type(), ", got ",
-              grad.scalar_type());
+  check_shape(a, {-1, -1}, op, "a", "(rows, K)");
+  check_floating(a, op, "a");
+  check_shape(grad, {-1, -1}, op, "grad", "(rows, N)");
+  check_dtype(grad, a.scalar_type(), op, "grad (a's dtype)");
   const int64_t rows = a_index ? a_index->numel() : a.size(0);
   check_index(a_index, "a_index", rows, a.size(0), op);
   check_index(grad_index, "grad_index", rows, grad.size(0), op);
-  TORCH_CHECK(grad_index || grad.size(0) == rows, op, ": grad has ", grad.size(0), " rows, expected ", rows);
+  TORCH_CHECK_VALUE(grad_index || grad.size(0) == rows, op, ": without grad_index, grad must have ", rows,
+                    " rows (a's or a_index's), got ", grad.size(0));
   const int64_t num_experts = expert_offsets.numel() - 1;
-  TORCH_CHECK(num_experts >= 1, op, ": expert_offsets must have E + 1 >= 2 entries, got ", expert_offsets.numel());
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": expert_offsets must have E + 1 >= 2 entries, got shape ", expert_offsets.sizes());
   plan_work(expert_offsets, num_experts, rows, op);  // validates the offsets
   const int64_t in_features = a.size(1), out_features = grad.size(1);
   at::Tensor grad_weight = at::empty({num_experts, in_features, out_features}, a.options());

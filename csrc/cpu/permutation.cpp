@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "index_checks.h"
 
 namespace sm4 {
 namespace {
@@ -80,29 +81,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_m
   return {counts, offsets, sorted_assignment, sorted_token, assignment_row};
 }
 
-// assignment_row: (T, k) int64 row indices in [-1, bound), checked (see check_row_indices).
+// assignment_row: (T, k) int64 row indices in [-1, bound) (-1: no row), checked before any row
+// is read or written, returned contiguous.
 at::Tensor checked_rows(const at::Tensor& assignment_row, int64_t bound, const char* op) {
-  TORCH_CHECK_VALUE(assignment_row.dim() == 2, op, ": assignment_row must be (T, k), got ", assignment_row.sizes());
-  TORCH_CHECK_TYPE(assignment_row.scalar_type() == at::kLong, op, ": assignment_row must be int64, got ",
-                   assignment_row.scalar_type());
-  const at::Tensor rows = assignment_row.contiguous();
-  check_row_indices(rows.data_ptr<int64_t>(), rows.numel(), bound, op, "assignment_row");
-  return rows;
+  check_shape(assignment_row, {-1, -1}, op, "assignment_row", "(T, k)");
+  return checked_index(assignment_row, -1, bound, op, "assignment_row");
 }
 
 at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& assignment_row, const at::Tensor& expert_offsets) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && assignment_row.dim() == 2 && assignment_row.size(0) == x.size(0),
-                    "sm4.permute: need x (T, d) and assignment_row (T, k), got ", x.sizes(), " and ",
-                    assignment_row.sizes());
-  TORCH_CHECK_VALUE(expert_offsets.dim() == 1 && expert_offsets.numel() >= 1 && expert_offsets.scalar_type() == at::kLong,
-                    "sm4.permute: expert_offsets must be (E + 1,) int64, got ", expert_offsets.sizes(), " ",
-                    expert_offsets.scalar_type());
+  const char* op = "sm4.permute";
+  check_shape(x, {-1, -1}, op, "x", "(T, d)");
+  check_floating(x, op, "x");
+  check_shape(assignment_row, {x.size(0), -1}, op, "assignment_row", "(T, k)");
   const at::Tensor xc = x.contiguous();
   const int64_t tokens = assignment_row.size(0), k = assignment_row.size(1), dim = x.size(1), n = tokens * k;
-  const at::Tensor rows = checked_rows(assignment_row, n, "sm4.permute");
-  const int64_t active = expert_offsets[expert_offsets.numel() - 1].item<int64_t>();  // CPU tensor: no sync
-  TORCH_CHECK_VALUE(active >= 0 && active <= n, "sm4.permute: expert_offsets[-1] = ", active,
-                    " is not in [0, T * k = ", n, "]");
+  check_offsets(expert_offsets, -1, n, op);
+  // CPU tensor: no sync. The active rows are [0, active): a row past them would be zeroed below.
+  const int64_t active = expert_offsets[expert_offsets.numel() - 1].item<int64_t>();
+  const at::Tensor rows = checked_rows(assignment_row, active, op);
   at::Tensor out = at::empty({n, dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "permute_cpu", [&] {
     const scalar_t* src = xc.data_ptr<scalar_t>();
@@ -123,9 +119,10 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& assignment_row, co
 
 // out[t] = sum over t's active ranks r of (weight[t, r] or 1) * src[row[t, r]], accumulated in
 // the op-math type in rank order (deterministic). Shared by unpermute and permute's backward.
-at::Tensor combine_rows(const at::Tensor& src_rows, const at::Tensor* weights, const at::Tensor& assignment_row,
-                        const char* op) {
-  TORCH_CHECK_VALUE(src_rows.dim() == 2, op, ": the rows must be (N, d), got ", src_rows.sizes());
+at::Tensor combine_rows(const at::Tensor& src_rows, const char* rows_name, const at::Tensor* weights,
+                        const at::Tensor& assignment_row, const char* op) {
+  check_shape(src_rows, {-1, -1}, op, rows_name, "(N, d)");
+  check_floating(src_rows, op, rows_name);
   const at::Tensor src = src_rows.contiguous(), rows = checked_rows(assignment_row, src_rows.size(0), op);
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = src.size(1);
   at::Tensor out = at::empty({tokens, dim}, src.options());
@@ -154,23 +151,28 @@ at::Tensor combine_rows(const at::Tensor& src_rows, const at::Tensor* weights, c
 }
 
 at::Tensor permute_backward_cpu(const at::Tensor& grad_sorted, const at::Tensor& assignment_row) {
-  return combine_rows(grad_sorted, nullptr, assignment_row, "sm4.permute_backward");
+  return combine_rows(grad_sorted, "grad_sorted", nullptr, assignment_row, "sm4.permute_backward");
 }
 
 at::Tensor unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& gates, const at::Tensor& assignment_row) {
-  TORCH_CHECK_VALUE(y_sorted.dim() == 2 && gates.dim() == 2 && assignment_row.sizes() == gates.sizes(),
-                    "sm4.unpermute: need y_sorted (N, d), gates (T, k) and assignment_row (T, k), got ", y_sorted.sizes(),
-                    ", ", gates.sizes(), " and ", assignment_row.sizes());
-  return combine_rows(y_sorted, &gates, assignment_row, "sm4.unpermute");
+  const char* op = "sm4.unpermute";
+  check_shape(assignment_row, {-1, -1}, op, "assignment_row", "(T, k)");
+  check_shape(gates, {assignment_row.size(0), assignment_row.size(1)}, op, "gates", "(T, k), as assignment_row");
+  check_floating(gates, op, "gates");
+  return combine_rows(y_sorted, "y_sorted", &gates, assignment_row, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y_sorted,
                                                           const at::Tensor& gates, const at::Tensor& assignment_row) {
   const char* op = "sm4.unpermute_backward";
-  TORCH_CHECK_VALUE(y_sorted.dim() == 2 && grad_y.dim() == 2 && gates.sizes() == assignment_row.sizes() &&
-                        grad_y.size(0) == assignment_row.size(0) && grad_y.size(1) == y_sorted.size(1),
-                    op, ": need grad_y (T, d), y_sorted (N, d), gates (T, k) and assignment_row (T, k), got ",
-                    grad_y.sizes(), ", ", y_sorted.sizes(), ", ", gates.sizes(), " and ", assignment_row.sizes());
+  check_shape(y_sorted, {-1, -1}, op, "y_sorted", "(N, d)");
+  check_floating(y_sorted, op, "y_sorted");
+  check_shape(assignment_row, {-1, -1}, op, "assignment_row", "(T, k)");
+  const int64_t t_rows = assignment_row.size(0), t_ranks = assignment_row.size(1);
+  check_shape(grad_y, {t_rows, y_sorted.size(1)}, op, "grad_y", "(T, d), T from assignment_row, d from y_sorted");
+  check_dtype(grad_y, y_sorted.scalar_type(), op, "grad_y");
+  check_shape(gates, {t_rows, t_ranks}, op, "gates", "(T, k), as assignment_row");
+  check_floating(gates, op, "gates");
   const at::Tensor gy = grad_y.contiguous(), y = y_sorted.contiguous();
   const at::Tensor rows = checked_rows(assignment_row, y_sorted.size(0), op);
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = y.size(1), n = y.size(0);

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "index_checks.h"
 
 namespace sm4 {
 namespace {
@@ -206,23 +207,25 @@ struct GatingInputs {
 GatingInputs prepare(const at::Tensor& x, const at::Tensor& router_weight,
                      const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_k,
                      int64_t k, double sigma, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be (T, d), got ", x.dim(), " dims");
-  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(0) == x.size(1), op,
-              ": router_weight must be (d, E) with d = ", x.size(1), ", got ", router_weight.sizes());
-  TORCH_CHECK(x.is_floating_point() && router_weight.is_floating_point(), op, ": x and router_weight must be floating point");
+  check_shape(x, {-1, -1}, op, "x", "(T, d)");
+  check_floating(x, op, "x");
+  check_shape(router_weight, {x.size(1), -1}, op, "router_weight", "(d, E), d from x");
+  check_floating(router_weight, op, "router_weight");
   const int64_t num_experts = router_weight.size(1);
-  TORCH_CHECK(num_experts >= 1 && k >= 1 && k <= num_experts, op, ": need 1 <= k <= E, got k = ", k, ", E = ", num_experts);
+  TORCH_CHECK_VALUE(num_experts >= 1 && k >= 1 && k <= num_experts, op, ": k must lie in [1, E = ", num_experts,
+                    "], got k = ", k);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Detached: the kernel's own at:: calls (mm_out into the saved logits) must not meet autograd.
   GatingInputs in{x.detach(), router_weight.detach().to(acc).contiguous(), at::Tensor(), at::Tensor(), x.size(0), num_experts, k};
   if (sigma > 0) {
-    TORCH_CHECK(noise.has_value(), op, ": sigma > 0 needs the noise tensor");
-    TORCH_CHECK(noise->dim() == 2 && noise->size(0) == x.size(0) && noise->size(1) == num_experts, op,
-                ": noise must be (T, E), got ", noise->sizes());
+    TORCH_CHECK_VALUE(noise.has_value(), op, ": sigma = ", sigma, " > 0 needs the noise tensor, got noise = None");
+    check_shape(*noise, {x.size(0), num_experts}, op, "noise", "(T, E)");
+    check_floating(*noise, op, "noise");
     in.noise = noise->to(acc).contiguous();
   }
   if (token_k.has_value()) {
-    TORCH_CHECK(token_k->dim() == 1 && token_k->size(0) == x.size(0), op, ": token_k must be (T,), got ", token_k->sizes());
+    check_shape(*token_k, {x.size(0)}, op, "token_k", "(T,)");
+    check_index_dtype(*token_k, op, "token_k");
     // Out-of-range values are clamped (the Python API rejects them before they get here).
     in.token_k = token_k->to(at::kLong).clamp(1, k).contiguous();
   }
@@ -550,20 +553,43 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_gates, const at::Tens
                                     const at::Tensor& runner_up, double sigma, bool renormalize) {
   const char* op = "sm4.topk_gating_backward";
   const KernelScope scope;
-  TORCH_CHECK(logits.dim() == 2 && logits.is_floating_point(), op, ": logits must be the forward's (T, E) logits");
-  const int64_t T = logits.size(0), E = logits.size(1), k = expert_ids.size(1);
+  check_shape(logits, {-1, -1}, op, "logits", "(T, E), the forward's");
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, op,
+                   ": logits must be the forward's float32 or float64 logits, got ", logits.scalar_type());
+  const int64_t T = logits.size(0), E = logits.size(1);
+  check_shape(expert_ids, {T, -1}, op, "expert_ids", "(T, k), T from logits");
+  check_index_dtype(expert_ids, op, "expert_ids");
+  const int64_t k = expert_ids.size(1);
+  TORCH_CHECK_VALUE(k >= 1, op, ": expert_ids must have k >= 1 columns, got shape ", expert_ids.sizes());
+  check_shape(grad_gates, {T, k}, op, "grad_gates", "(T, k), as expert_ids");
+  check_shape(grad_importance, {E}, op, "grad_importance", "(E,), E from logits");
+  check_shape(grad_load, {E}, op, "grad_load", "(E,), E from logits");
+  check_shape(runner_up, {T}, op, "runner_up", "(T,), T from logits");
+  check_index_dtype(runner_up, op, "runner_up");
+  check_floating(grad_gates, op, "grad_gates");
+  check_floating(grad_importance, op, "grad_importance");
+  check_floating(grad_load, op, "grad_load");
   const auto acc = logits.scalar_type();
   const at::Tensor clean_all = logits.contiguous();
   at::Tensor eps;
   if (sigma > 0) {
-    TORCH_CHECK(noise.has_value() && noise->dim() == 2 && noise->size(0) == T && noise->size(1) == E, op,
-                ": sigma > 0 needs the (T, E) noise tensor");
+    TORCH_CHECK_VALUE(noise.has_value(), op, ": sigma = ", sigma, " > 0 needs the noise tensor, got noise = None");
+    check_shape(*noise, {T, E}, op, "noise", "(T, E)");
+    check_floating(*noise, op, "noise");
     eps = noise->to(acc).contiguous();
   }
   const at::Tensor d_gates = grad_gates.to(acc).contiguous();
   const at::Tensor d_importance = grad_importance.to(acc).contiguous();
   const at::Tensor d_load = grad_load.to(acc).contiguous();
   const at::Tensor ids_all = expert_ids.to(at::kLong).contiguous(), runners = runner_up.to(at::kLong).contiguous();
+  // The per-token pass indexes (E,) arrays with these ids, and with noise reads the last selected
+  // expert: every token has one (its first id; the forward gives each token k_t >= 1 experts).
+  check_values_in(ids_all.data_ptr<int64_t>(), ids_all.numel(), -1, E, op, "expert_ids");
+  check_values_in(runners.data_ptr<int64_t>(), runners.numel(), -1, E, op, "runner_up");
+  if (T > 0) {
+    const at::Tensor first = ids_all.select(1, 0).contiguous();
+    check_values_in(first.data_ptr<int64_t>(), T, 0, E, op, "expert_ids[:, 0] (each token's first expert)");
+  }
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
 
   AT_DISPATCH_FLOATING_TYPES(acc, "topk_gating_backward_cpu", [&] {

@@ -85,11 +85,13 @@ class SparseMoEModule(nn.Module):
         if self.num_routers == 1:
             return None
         if router_index is None:
-            raise ValueError(f"{type(self).__name__} has num_routers={self.num_routers}: pass {name}, "
+            raise ValueError(f"{type(self).__name__} has num_routers={self.num_routers}: pass {name} (got None), "
                              "each token's router (e.g. its modality or task index)")
-        if tuple(router_index.shape) != tuple(leading) or router_index.is_floating_point():
-            raise ValueError(f"{type(self).__name__}: {name} must be an int tensor of shape {tuple(leading)}, "
-                             f"got {tuple(router_index.shape)} {router_index.dtype}")
+        if router_index.is_floating_point() or router_index.dtype == torch.bool:
+            raise TypeError(f"{type(self).__name__}: {name} must be an int tensor, got {router_index.dtype}")
+        if tuple(router_index.shape) != tuple(leading):
+            raise ValueError(f"{type(self).__name__}: {name} must have shape {tuple(leading)} (the tokens' shape), "
+                             f"got {tuple(router_index.shape)}")
         return ops.router_input_for(flat, router_index.reshape(-1), self.num_routers)
 
     def _record(self, routings: dict[str, RoutingResult]) -> None:

@@ -28,6 +28,10 @@ class AttentionRuntimeError(ValueError, RuntimeError):
     is_causal without a mask, mismatched batch or feature sizes)."""
 
 
+class RuntimeTypeError(TypeError, RuntimeError):
+    """A bad dtype where torch's layers raise ``RuntimeError`` (e.g. an integer src into LayerNorm)."""
+
+
 def jit_script_refusal(module) -> RuntimeError:
     """The error of ``torch.jit.script`` on an sm4 module (raised from ``__prepare_scriptable__``)."""
     return RuntimeError(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import SparseMoEModule
+from ._encoder_checks import check_forward_arguments
 from ._mha_compat import jit_script_refusal
 from .ffn import ACTIVATIONS, SparseMoEFFN
 
@@ -155,6 +156,7 @@ class SM4EncoderLayer(nn.Module):
 
         Dtype: the sparse parts run in src's dtype, or in the autocast dtype under autocast.
         """
+        check_forward_arguments(self, src, src_mask, src_key_padding_mask, is_causal, token_k, router_index)
         # Masks as torch's layer prepares them (bool -> additive float; a type mismatch warns).
         src_key_padding_mask = F._canonical_mask(
             mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(src_mask),
