@@ -33,6 +33,15 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def received(value) -> str:
+    """A received value as an error message states it: a tensor by its shape and dtype (its data
+    may be large, or on a GPU), anything else by its type and (shortened) repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a Tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
 _PARSED_SHAPES: dict[str, tuple[tuple[int | None, str, int], ...]] = {}
 
 
@@ -87,7 +96,7 @@ class Checker:
         if value is None and optional:
             return
         if not isinstance(value, torch.Tensor):
-            self.fail(TypeError, f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}")
+            self.fail(TypeError, f"{name} must be a torch.Tensor of shape {shape}, got {received(value)}")
         dims = _parse_shape(shape)
         if value.dim() != len(dims):
             self.fail(
@@ -120,20 +129,20 @@ class Checker:
             hint = ""
             if isinstance(value, torch.Tensor):
                 hint = " (pass a per-token k as token_k=, with k its maximum)" if name == "k" else ""
-            self.fail(TypeError, f"{name} must be a Python int, got {type(value).__name__}{hint}")
+            self.fail(TypeError, f"{name} must be a Python int, got {received(value)}{hint}")
         if value < low or (high is not None and value > high):
             upper = f" and <= {high_name} = {high}" if high is not None else ""
             self.fail(ValueError, f"{name} must be >= {low}{upper}, got {value}")
 
     def number(self, name: str, value, low: float = 0.0):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(TypeError, f"{name} must be a float, got {type(value).__name__}")
+            self.fail(TypeError, f"{name} must be a float, got {received(value)}")
         if not value >= low:  # also rejects NaN
             self.fail(ValueError, f"{name} must be >= {low}, got {value}")
 
     def flag(self, name: str, value):
         if not isinstance(value, bool):
-            self.fail(TypeError, f"{name} must be a bool, got {type(value).__name__}")
+            self.fail(TypeError, f"{name} must be a bool, got {received(value)}")
 
     def choice(self, name: str, value, choices):
         if value not in choices:
@@ -153,7 +162,7 @@ class Checker:
         if generator is None:
             return
         if not isinstance(generator, torch.Generator):
-            self.fail(TypeError, f"generator must be a torch.Generator, got {type(generator).__name__}")
+            self.fail(TypeError, f"generator must be a torch.Generator, got {received(generator)}")
         if generator.device.type != device.type:
             self.fail(ValueError, f"generator is on {generator.device} but the inputs are on {device}")
 

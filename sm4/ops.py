@@ -31,7 +31,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import dispatch
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, Checker, check_metadata_values, check_offsets_values, reads_values,
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, Checker, check_metadata_values, check_offsets_values, reads_values, received,
                       trust_metadata)
 from .types import MoEOutput, RoutingMetadata, RoutingResult
 
@@ -68,7 +68,7 @@ def _check_gating(c: Checker, x, router_weight, k, token_k, noise_std, training,
     c.number("noise_std", noise_std)
     for name, flag in (("training", training), ("renormalize", renormalize)):
         if not isinstance(flag, bool):
-            c.fail(TypeError, f"{name} must be a bool, got {type(flag).__name__}")
+            c.fail(TypeError, f"{name} must be a bool, got {received(flag)}")
     c.generator(generator, x.device)
     c.tensor("noise", noise, "(T, E)", FLOAT_DTYPES, optional=True)
 
@@ -184,7 +184,7 @@ def _check_expert_offsets(c: Checker, name: str, offsets):
 def _check_metadata(c: Checker, metadata):
     """Every field's shape and dtype (the values are checked last, by _check_metadata_values)."""
     if not isinstance(metadata, RoutingMetadata):
-        c.fail(TypeError, f"metadata must be the RoutingMetadata of sm4.ops.routing_metadata, got {type(metadata).__name__}")
+        c.fail(TypeError, f"metadata must be the RoutingMetadata of sm4.ops.routing_metadata, got {received(metadata)}")
     _check_expert_offsets(c, "metadata.expert_offsets", metadata.expert_offsets)
     c.tensor("metadata.expert_counts", metadata.expert_counts, "(E,)", (torch.int64,))
     c.tensor("metadata.sorted_assignment", metadata.sorted_assignment, "(N,)", (torch.int64,))
@@ -358,7 +358,7 @@ def _check_router_input(c: Checker, x, router_input):
         return
     c.tensor("router_input", router_input, "(T, d_r)", FLOAT_DTYPES)
     if router_input.shape[0] != x.shape[0]:
-        c.fail(ValueError, f"router_input has {router_input.shape[0]} rows but x has {x.shape[0]} tokens")
+        c.fail(ValueError, f"router_input must have x's T = {x.shape[0]} rows, got shape {tuple(router_input.shape)}")
 
 
 def _checked_gating_input(c: Checker, x, router_input, router_weight, *gating_args):
@@ -520,7 +520,7 @@ def moe_qkv(
     c.tensor("x", x, "(T, d)", FLOAT_DTYPES)
     _check_router_input(c, x, router_input)
     if not isinstance(routers, (tuple, list)) or len(routers) != 3:
-        c.fail(TypeError, f"routers must be a triple (q, k, v) of (d, E) router weights, got {type(routers).__name__}")
+        c.fail(TypeError, f"routers must be a triple (q, k, v) of (d, E) router weights, got {received(routers)}")
     router_dim = "d" if router_input is None else "d_r"
     for name, router in zip("qkv", routers):
         c.tensor(f"routers ({name})", router, f"({router_dim}, E)", FLOAT_DTYPES)
@@ -588,7 +588,7 @@ def moe_attention(
     c = Checker("sm4.ops.moe_attention")
     for name, triple in (("routers", routers), ("expert_weights", expert_weights), ("expert_biases", expert_biases)):
         if not isinstance(triple, (tuple, list)) or len(triple) != 3:
-            c.fail(TypeError, f"{name} must be a triple (q, k, v), got {type(triple).__name__}")
+            c.fail(TypeError, f"{name} must be a triple (q, k, v), got {received(triple)}")
     c.tensor("query", query, "(B, L, d_q)", FLOAT_DTYPES)
     c.tensor("key", key, "(B, S, d_k)", FLOAT_DTYPES)
     c.tensor("value", value, "(B, S, d_v)", FLOAT_DTYPES)
@@ -604,7 +604,7 @@ def moe_attention(
         c.fail(ValueError, f"the expert output width C = {channels} must be divisible by num_heads = {num_heads}")
     if token_k is not None and (not isinstance(token_k, (tuple, list)) or len(token_k) != 3):
         c.fail(TypeError, f"token_k must be None or a triple (q, k, v) of per-token k tensors (or None each), "
-                          f"got {type(token_k).__name__}")
+                          f"got {received(token_k)}")
     for i, (tokens, shape) in enumerate(((query, "(B, L)"), (key, "(B, S)"), (value, "(B, S)"))):
         tk = None if token_k is None else token_k[i]
         if tk is not None:

@@ -10,6 +10,8 @@ data (token_k's and router_index's values are checked by the ops, on CPU tensors
 
 import torch
 
+from .._checks import received
+
 from ._mha_compat import AttentionRuntimeError, AttentionTypeError, AttentionValueError, RuntimeTypeError
 
 OWNER = "SM4EncoderLayer"
@@ -24,9 +26,9 @@ def _mask_dtype(name: str, mask: torch.Tensor) -> None:
 def check_forward_arguments(layer, src, src_mask, src_key_padding_mask, is_causal, token_k, router_index) -> None:
     """Raise on the first bad argument of ``layer.forward`` (shapes as documented there)."""
     if not isinstance(src, torch.Tensor):
-        raise TypeError(f"{OWNER}: src must be a torch.Tensor, got {type(src).__name__}")
+        raise TypeError(f"{OWNER}: src must be a torch.Tensor, got {received(src)}")
     if not isinstance(is_causal, bool):
-        raise TypeError(f"{OWNER}: is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}")
+        raise TypeError(f"{OWNER}: is_causal must be a bool, got {received(is_causal)}")
     if src.is_nested:  # ragged: the attention checks the nested layout itself
         return
     d_model = layer.norm1.normalized_shape[0]
@@ -63,7 +65,7 @@ def check_forward_arguments(layer, src, src_mask, src_key_padding_mask, is_causa
             continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{OWNER}: {name} must be a torch.Tensor of shape src.shape[:-1] = {leading}, got "
-                            f"{type(value).__name__}")
+                            f"{received(value)}")
         if value.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{OWNER}: {name} must be int32 or int64, got {value.dtype}")
         if tuple(value.shape) != leading:
