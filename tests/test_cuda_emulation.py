@@ -28,6 +28,7 @@ HAZARDS = {
     "divergent_barrier": r"is at __syncthreads at hazard_kernels.cpp:\d+ while others wait at hazard_kernels.cpp:\d+",
     "barrier_against_collective": r"deadlock: no thread can proceed",
     "shared_out_of_bounds": r"a write past the end of the dynamic shared memory \(256 bytes",
+    "static_shared_out_of_bounds": r"hazard_kernels.cpp:\d+: index 64 out of bounds for type 'float \[64\]'",
     "wmma_misaligned": r"wmma pointer is not 256-bit aligned",
 }
 

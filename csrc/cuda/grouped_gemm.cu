@@ -332,12 +332,12 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_mm_tc_kernel(const MmPara
       for (int kk = 0; kk < kTcBK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * kLdA + kk, kLdA);
+        for (int i = 0; i < 2; ++i) SM4_WMMA_LOAD_SHARED(fa[i], As + (wm * 32 + i * 16) * kLdA + kk, kLdA);
 #pragma unroll
         for (int j = 0; j < kFN; ++j) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
           const int col = wn * kWN + j * 16;
-          wmma::load_matrix_sync(fb, kTransB ? Bs + col * kLdB + kk : Bs + kk * kLdB + col, kLdB);
+          SM4_WMMA_LOAD_SHARED(fb, kTransB ? Bs + col * kLdB + kk : Bs + kk * kLdB + col, kLdB);
 #pragma unroll
           for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], fa[i], fb, acc[i][j]);
         }
@@ -548,11 +548,11 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_tc_kernel(const GradP
       for (int kk = 0; kk < RB; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + kk * kLd + wk * 32 + i * 16, kLd);
+        for (int i = 0; i < 2; ++i) SM4_WMMA_LOAD_SHARED(fa[i], As + kk * kLd + wk * 32 + i * 16, kLd);
 #pragma unroll
         for (int j = 0; j < kFN; ++j) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fb, Bs + kk * kLd + wn * kWN + j * 16, kLd);
+          SM4_WMMA_LOAD_SHARED(fb, Bs + kk * kLd + wn * kWN + j * 16, kLd);
 #pragma unroll
           for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], fa[i], fb, acc[i][j]);
         }

@@ -76,7 +76,9 @@ def load() -> frozenset[str]:
     cpp_extension.load(
         name="sm4_cuda_emulation",
         sources=_sources(),
-        extra_cflags=["-O1", "-DSM4_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+        # -fsanitize=bounds: an index outside a static __shared__ (or any fixed-size) array is a
+        # hazard (runtime.cpp handles the checks' calls itself: no libubsan at link or run time).
+        extra_cflags=["-O1", "-DSM4_CUDA_EMULATION", "-Wno-unknown-pragmas", "-fsanitize=bounds"],
         extra_include_paths=[str(HERE / "include")],
         build_directory=str(BUILD_DIR),
         is_python_module=False,

@@ -53,6 +53,13 @@ __global__ void shared_out_of_bounds_kernel(float* out) {
   out[threadIdx.x] = shared[threadIdx.x];
 }
 
+__global__ void static_shared_out_of_bounds_kernel(float* out) {  // caught by -fsanitize=bounds
+  __shared__ float tile[64];
+  tile[threadIdx.x + 1] = 1.f;  // blockDim.x = 64: the last thread writes tile[64]
+  __syncthreads();
+  out[threadIdx.x] = tile[threadIdx.x];
+}
+
 __global__ void shared_in_bounds_kernel(float* out) {
   SM4_DYNAMIC_SHARED(float, shared);
   shared[threadIdx.x] = 1.f;
@@ -107,6 +114,7 @@ std::string run_hazard_kernel(const std::string& name) {
   else if (name == "divergent_barrier") SM4_LAUNCH(1, 64, 0, nullptr, divergent_barrier_kernel)(p);
   else if (name == "barrier_against_collective") SM4_LAUNCH(1, 64, 0, nullptr, barrier_against_collective_kernel)(p);
   else if (name == "shared_out_of_bounds") SM4_LAUNCH(1, 64, 64 * sizeof(float), nullptr, shared_out_of_bounds_kernel)(p);
+  else if (name == "static_shared_out_of_bounds") SM4_LAUNCH(1, 64, 0, nullptr, static_shared_out_of_bounds_kernel)(p);
   else if (name == "shared_in_bounds") SM4_LAUNCH(1, 64, 64 * sizeof(float), nullptr, shared_in_bounds_kernel)(p);
   else if (name == "wmma_misaligned") SM4_LAUNCH(1, 32, 0, nullptr, wmma_misaligned_kernel)(p);
   else TORCH_CHECK(false, "cuda_emulation.run_hazard_kernel: unknown kernel ", name);

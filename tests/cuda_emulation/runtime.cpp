@@ -437,3 +437,47 @@ std::string launch_summary() {
 }
 
 }  // namespace cuda_emulation
+
+// ---- -fsanitize=bounds without libubsan ---------------------------------------------------------
+// The emulated kernels are compiled with -fsanitize=bounds (tests/cuda_emulation/__init__.py): GCC
+// checks every index into an array whose bound it knows (a static __shared__ array, a thread's
+// register array, an array member of a struct in shared memory) and calls the handler below on an
+// index outside it. The handler raises a hazard, so nothing links libubsan. The data layout is
+// GCC's (and clang's) ubsan ABI: a source location, then the array and index type descriptors.
+namespace {
+struct UbsanLocation {
+  const char* file;
+  uint32_t line, column;
+};
+struct UbsanType {
+  uint16_t kind, info;  // kind 0: integer; info: bit 0 signed, bits 1.. log2(bit width)
+  char name[1];
+};
+struct UbsanOutOfBounds {
+  UbsanLocation location;
+  const UbsanType* array_type;
+  const UbsanType* index_type;
+};
+
+std::string index_value(const UbsanType* type, uintptr_t handle) {
+  const unsigned bits = 1u << (type->info >> 1);
+  if (type->kind != 0 || bits > 64) return "?";  // wider integers are passed by pointer
+  if (type->info & 1u) {
+    const int64_t value = bits == 64 ? static_cast<int64_t>(handle)
+                                     : static_cast<int64_t>(handle << (64 - bits)) >> (64 - bits);
+    return std::to_string(value);
+  }
+  return std::to_string(bits == 64 ? uint64_t{handle} : uint64_t{handle} & ((uint64_t{1} << bits) - 1));
+}
+
+[[noreturn]] void out_of_bounds(const UbsanOutOfBounds* data, uintptr_t index) {
+  const std::string what = "index " + index_value(data->index_type, index) + " out of bounds for type " +
+                           data->array_type->name;
+  cuda_emulation::hazard(cuda_emulation::Site{data->location.file, static_cast<int>(data->location.line)}, what.c_str());
+}
+}  // namespace
+
+extern "C" void __ubsan_handle_out_of_bounds(const UbsanOutOfBounds* data, uintptr_t index) { out_of_bounds(data, index); }
+extern "C" void __ubsan_handle_out_of_bounds_abort(const UbsanOutOfBounds* data, uintptr_t index) {
+  out_of_bounds(data, index);
+}

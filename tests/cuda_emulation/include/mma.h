@@ -121,3 +121,5 @@ void mma_sync_at(cuda_emulation::Site site, fragment<accumulator, 16, 16, 16, fl
 #define load_matrix_sync(...) load_matrix_sync_at(CUDA_EMULATION_SITE, __VA_ARGS__)
 #define store_matrix_sync(...) store_matrix_sync_at(CUDA_EMULATION_SITE, __VA_ARGS__)
 #define mma_sync(...) mma_sync_at(CUDA_EMULATION_SITE, __VA_ARGS__)
+// csrc/cuda/emulation_seams.cuh's fragment load from shared memory (inline PTX on the device).
+#define SM4_WMMA_LOAD_SHARED(frag, ptr, ldm) ::nvcuda::wmma::load_matrix_sync_at(CUDA_EMULATION_SITE, frag, ptr, ldm)
