@@ -69,7 +69,8 @@ def write_affect(path, widths, binary=False, protocol=4, sizes=AFFECT_SIZES, see
     return data
 
 
-def write_mimic(path, n=MIMIC_N, seed=2):
+def write_mimic(path, n=MIMIC_N, seed=2, extra=None, protocol=2):
+    """MultiBench's im.pk: a dict of float64 / int64 arrays (``extra``: more keys, e.g. pandas objects)."""
     rng = np.random.default_rng(seed)
     series = rng.normal(3.0, 2.0, (n, 24, 12))
     series[0, 0, 0] = np.nan
@@ -79,10 +80,10 @@ def write_mimic(path, n=MIMIC_N, seed=2):
         if i % 3:
             mortality[i, 1 + i % 5] = 1
     data = {"ep_tdata": series, "adm_features_all": rng.normal(1.0, 4.0, (n, 5)),
-            "adm_labels_all": mortality, "y_icd9": (rng.random((n, 20)) > 0.5).astype(np.int64)}
+            "adm_labels_all": mortality, "y_icd9": (rng.random((n, 20)) > 0.5).astype(np.int64), **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
-        pickle.dump(data, handle, protocol=2)
+        pickle.dump(data, handle, protocol=protocol)
     return data
 
 

@@ -26,8 +26,11 @@ Directory layout under ``root`` (each task's folder can be moved with ``paths={t
     mimic/    im.pk                                      (MultiBench's MIMIC-III pickle)
 
 PUSH and V&T are HDF5 files and need ``h5py`` (imported only when those tasks load; ENRICO's
-images need Pillow). The pickles are read by a restricted unpickler that builds numpy arrays and
-plain containers only; ``allow_unsafe_pickle=True`` lifts that for a file you trust.
+images need Pillow; pandas objects in a pickle need pandas: ``pip install 'sm4[multibench]'``).
+The pickles are read by a restricted unpickler (``_pickle``) that builds numpy arrays, pandas data
+objects (DataFrame, Series, Index, ..., pandas 1.x's module paths included, as pandas.read_pickle
+reads them) and plain containers only, and refuses every other global (no code from the file
+runs); ``allow_unsafe_pickle=True`` lifts that for a file you trust.
 
 Tasks, modalities and the choices made (each configurable through the loader's keywords). Images
 are cut into patches here, per modality (``patchify``), so keep the model's own ``patch_size`` at 1:
