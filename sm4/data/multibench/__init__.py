@@ -49,7 +49,7 @@ enrico (20 classes, in sorted topic order): ``enrico.screenshot``, ``enrico.wire
     Splits 65/15/20 from ``random.Random(42)``, screen for screen MultiBench's (whose test loaders
     read its train split by mistake; test here is the held-out 20 %). MultiBench samples ENRICO's
     train split class-balanced: the train split carries those weights (``sampling_weights``,
-    ``sampler()``); sm4's trainer does not use them yet (it samples uniformly).
+    ``sampler()``) and sm4's trainer draws it with them (``task_loader(own_sampler=True)``, seeded).
 push (regression, 32 outputs, MSE): ``push.gripper_pos`` sequence (16, 3), ``push.gripper_sensors``
     (16, 7), ``push.control`` (16, 7), ``push.image`` image (32, 32, 16). Gentle Push (MuJoCo)
     trajectories ``trajectory<i>`` with ``eef_pos`` (T, 3), ``force`` (T, 6), ``contact`` (T,),
