@@ -69,8 +69,10 @@ vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64
     (T, ...). Sample t < T - 1: image, depth, proprio[:8] and the last ``force_window`` (32) force
     readings (tanh, as MultiBench) at t, the action at t + 1; target: contact at t + 1
     (MultiBench's ``contact_next``). uint8 images /255; ``image_patch`` / ``depth_patch`` 8.
-    Episodes are split by file with a seeded permutation: val ``val_fraction`` (0.2); MultiBench
-    and HighMMT have no test split and report val, so test is val unless ``test_fraction`` > 0.
+    Episodes are split by file with a seeded permutation: val ``val_fraction`` (0.2), and each val
+    episode brings its paired episode from train (MultiBench's ``augment_val``: same name prefix,
+    ``<prefix><n>_1000.h5``; ``paired_val=False``: the drawn files alone); MultiBench and HighMMT
+    have no test split and report val, so test is val unless ``test_fraction`` > 0.
 mosei (2 classes): ``mosei.vision`` sequence (50, 35), ``mosei.audio`` (50, 74), ``affect.text``
     (50, 300). A pickle {'train', 'valid', 'test'} of {'vision' (n, L, 35), 'audio' (n, L, 74),
     'text' (n, L, 300) GloVe, 'labels' (n, 1, 1) sentiment}. Samples with all-zero text are
