@@ -30,6 +30,12 @@ def test_vt(root):
     check_items(splits["train"], data.modalities, "classification")
     inputs, _ = splits["train"][0]
     assert inputs["vt.image"].max() <= 1 and inputs["vt.force"].abs().max() < 1  # /255 and tanh
+    import h5py
+
+    episode, step = (int(v) for v in splits["train"].reader.samples[splits["train"].rows[0]])
+    with h5py.File(splits["train"].reader.episodes[episode]["path"], "r") as handle:
+        readings = handle["ee_forces_continuous"][step]  # (50, 6): MultiBench's ProcessForce keeps the last 32
+    np.testing.assert_allclose(inputs["vt.force"].numpy(), np.tanh(readings[-32:]).T, rtol=1e-6)
     split = load_vt(root / "vt" / "triangle_real_data", val_fraction=0.2, test_fraction=0.2, image_patch=16,
                     depth_patch=4)
     assert split.modalities["vt.image"].shape == (1, 1, 768)
@@ -41,6 +47,17 @@ def test_vt(root):
     with pytest.raises(ValueError, match="layout"):
         load_vt(root / "vt", layout="columns")
     assert {s: len(split.splits["vt"][s]) for s in SPLITS} == {"train": 6, "val": 6, "test": 3}
+
+
+@needs_h5py
+def test_vt_depth_with_or_without_its_channel_axis(tmp_path):
+    """depth_data is (T, H, W, 1) in the published files; MultiBench reshapes a (T, H, W) one alike."""
+    for folder, flat in (("a", False), ("b", True)):
+        (tmp_path / folder).mkdir()
+        for k in range(2):
+            write_vt_episode(tmp_path / folder / f"e_{k}_1000.h5", seed=k, depth_2d=flat)
+    a, b = (load_vt(tmp_path / f, val_fraction=0.5, paired_val=False, depth_patch=1) for f in "ab")
+    np.testing.assert_array_equal(a.splits["vt"]["train"][0][0]["vt.depth"], b.splits["vt"]["train"][0][0]["vt.depth"])
 
 
 @needs_h5py
