@@ -29,3 +29,14 @@ def test_urfunny(root):
     assert [default.modalities[m].shape[0] for m in ("urfunny.vision", "urfunny.audio", SHARED_TEXT)] == [20, 20, 50]
     with pytest.raises(ValueError, match="seq_len"):
         load_urfunny(root / "urfunny", seq_len={"vision": 20})
+
+
+def test_urfunny_znorm_scores_the_whole_sequence_then_cuts(root):
+    """MultiBench's / HighMMT's Affectdataset z-scores the whole (aligned) sequence, then pads or
+    cuts it: the first 20 steps of the 50-step z-score, not a z-score of 20 steps."""
+    with open(root / "urfunny" / "humor.pkl", "rb") as handle:
+        vision = pickle.load(handle)["train"]["vision"][0].astype(np.float64)  # sample 0: all 50 steps
+    data = load_urfunny(root / "urfunny", znorm=True, align=True)
+    inputs, _ = data.splits["urfunny"]["train"][0]
+    expected = (vision - vision.mean(axis=0)) / vision.std(axis=0, ddof=1)  # torch.std: unbiased
+    np.testing.assert_allclose(inputs["urfunny.vision"].numpy(), expected[:20], rtol=1e-4, atol=1e-5)

@@ -47,7 +47,9 @@ class _AffectReader:
         out = {}
         for field, name in self.names.items():
             length = self.seq_len[field]
-            x = np.asarray(self.arrays[field][row][start:start + length], dtype=np.float32)
+            # z-scored over the whole aligned sequence, then cut to length (MultiBench's / HighMMT's order)
+            x = np.asarray(self.arrays[field][row][start:] if self.znorm else self.arrays[field][row][start:start + length],
+                           dtype=np.float32)
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             if self.znorm:
                 if len(x) > 1:
@@ -56,6 +58,7 @@ class _AffectReader:
                     x = np.divide(centred, std, out=np.zeros_like(x), where=std > 0)
                 else:
                     x = np.zeros_like(x)
+                x = x[:length]
             if len(x) < length:
                 x = np.concatenate([x, np.zeros((length - len(x), x.shape[1]), np.float32)])
             out[name] = x
