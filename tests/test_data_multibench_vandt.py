@@ -29,12 +29,17 @@ def test_vt(root):
     np.testing.assert_array_equal(splits["val"].targets.numpy(), [1, 0, 1] * 2)  # contact at t + 1 = t + 1 odd
     check_items(splits["train"], data.modalities, "classification")
     inputs, _ = splits["train"][0]
-    assert inputs["vt.image"].max() <= 1 and inputs["vt.force"].abs().max() < 1  # /255 and tanh
+    assert inputs["vt.force"].abs().max() < 1  # tanh
     import h5py
 
     episode, step = (int(v) for v in splits["train"].reader.samples[splits["train"].rows[0]])
     with h5py.File(splits["train"].reader.episodes[episode]["path"], "r") as handle:
         readings = handle["ee_forces_continuous"][step]  # (50, 6): MultiBench's ProcessForce keeps the last 32
+        frame = handle["image"][step]
+    pixels = load_vt(root / "vt", image_patch=1).splits["vt"]["train"][0][0]["vt.image"].numpy()
+    np.testing.assert_array_equal(pixels, frame)  # uint8 values as floats, not /255 (MultiBench's ToTensor)
+    scaled = load_vt(root / "vt", image_patch=1, rescale_images=True).splits["vt"]["train"][0][0]["vt.image"].numpy()
+    np.testing.assert_allclose(scaled, frame / 255.0, rtol=1e-6)
     np.testing.assert_allclose(inputs["vt.force"].numpy(), np.tanh(readings[-32:]).T, rtol=1e-6)
     split = load_vt(root / "vt" / "triangle_real_data", val_fraction=0.2, test_fraction=0.2, image_patch=16,
                     depth_patch=4)
@@ -64,7 +69,7 @@ def test_vt_depth_with_or_without_its_channel_axis(tmp_path):
 def test_vt_channels_first(root, tmp_path):
     for k in range(2):
         write_vt_episode(tmp_path / f"e_{k}_1000.h5", seed=20 + k, channels_first=k == 1)
-    data = load_vt(tmp_path, val_fraction=0.5, image_patch=1, seed=0, paired_val=False)
+    data = load_vt(tmp_path, val_fraction=0.5, image_patch=1, seed=0, paired_val=False, rescale_images=True)
     by_file = {episode["path"]: episode for episode in data.splits["vt"]["train"].reader.episodes}
     assert by_file[str(tmp_path / "e_1_1000.h5")]["chw"] and not by_file[str(tmp_path / "e_0_1000.h5")]["chw"]
     import h5py

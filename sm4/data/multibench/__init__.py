@@ -68,7 +68,8 @@ vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64
     ``proprio`` (T, >=8), ``ee_forces_continuous`` (T, >=32, 6), ``action`` (T, A), ``contact``
     (T, ...). Sample t < T - 1: image, depth, proprio[:8] and the last ``force_window`` (32) force
     readings (tanh, as MultiBench) at t, the action at t + 1; target: contact at t + 1
-    (MultiBench's ``contact_next``). uint8 images /255; ``image_patch`` / ``depth_patch`` 8.
+    (MultiBench's ``contact_next``). uint8 images fed as their 0-255 values, as MultiBench's
+    ToTensor (``rescale_images=True``: /255); ``image_patch`` / ``depth_patch`` 8.
     Episodes are split by file with a seeded permutation: val ``val_fraction`` (0.2), and each val
     episode brings its paired episode from train (MultiBench's ``augment_val``: same name prefix,
     ``<prefix><n>_1000.h5``; ``paired_val=False``: the drawn files alone); MultiBench and HighMMT

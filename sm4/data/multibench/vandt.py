@@ -14,8 +14,8 @@ from ._common import (MultiBenchDataset, VT_SUBDIR, _H5Files, _bad, _check_patch
 
 class _VTReader:
     def __init__(self, episodes: list[dict], samples: np.ndarray, image_patch: int, depth_patch: int,
-                 force_window: int, files: _H5Files, layout: str = "multibench"):
-        self.episodes, self.samples, self.layout = episodes, samples, layout
+                 force_window: int, files: _H5Files, layout: str = "multibench", rescale_images: bool = False):
+        self.episodes, self.samples, self.layout, self.rescale_images = episodes, samples, layout, rescale_images
         self.image_patch, self.depth_patch, self.force_window, self.files = image_patch, depth_patch, force_window, files
 
     def __call__(self, row: int) -> dict:
@@ -30,7 +30,7 @@ class _VTReader:
         image = read("image", t).astype(np.float32)
         if episode["chw"]:
             image = np.transpose(image, (2, 1, 0))  # as MultiBench does for (3, ., .) frames
-        if episode["image_uint8"]:
+        if episode["image_uint8"] and self.rescale_images:  # MultiBench feeds the 0-255 values as floats
             image = image / 255.0
         depth = read("depth_data", t).astype(np.float32).reshape(episode["depth_shape"])
         force = np.tanh(read("ee_forces_continuous", t).astype(np.float32)[-self.force_window:])
@@ -132,7 +132,7 @@ def _paired_val(names: list[str], val: list[int], train: list[int]) -> tuple[lis
 
 def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: int = 32, val_fraction: float = 0.2,
             test_fraction: float = 0.0, seed: int = 0, layout: str = "multibench",
-            paired_val: bool = True) -> MultiTaskData:
+            paired_val: bool = True, rescale_images: bool = False) -> MultiTaskData:
     """Vision & touch (MultiBench robotics) from a folder of episode .h5 files. Needs h5py. Predicts
     contact at the next step (2 classes). Episodes are split by file (seeded); test is val unless
     ``test_fraction`` > 0 (MultiBench evaluates on val). layout "multibench" (default, as MultiBench
@@ -141,7 +141,9 @@ def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: i
     (8, 1) and action (A, 1) tables of one feature per token. paired_val (default True, as
     MultiBench's ``augment_val``): each val episode brings its paired episode (same name prefix,
     see ``_paired_val``) from train into val, so val holds more than ``val_fraction`` of the
-    files; False: val is the seeded ``val_fraction`` draw alone (the earlier split)."""
+    files; False: val is the seeded ``val_fraction`` draw alone (the earlier split).
+    rescale_images: divide uint8 camera images by 255 (sm4's earlier choice); default False, as
+    MultiBench's ToTensor, which only casts them to float."""
     task, root = "vt", Path(root)
     if layout not in ("multibench", "sm4"):
         raise ValueError(f"MultiBench {task}: layout must be 'multibench' or 'sm4', got {layout!r}")
@@ -190,7 +192,8 @@ def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: i
                            "vt.action": ModalitySpec("vt.action", "tabular", (first["actions"], 1))})
     samples = np.asarray([(i, t) for i, e in enumerate(episodes) for t in range(e["steps"] - 1)], dtype=np.int64)
     targets = np.concatenate([e["contact_next"] for e in episodes])
-    reader = _VTReader(episodes, samples, image_patch, depth_patch, force_window, _H5Files(task), layout)
+    reader = _VTReader(episodes, samples, image_patch, depth_patch, force_window, _H5Files(task), layout,
+                       rescale_images)
     splits = {}
     for split in SPLITS:
         rows = np.flatnonzero(np.isin(samples[:, 0], chosen[split]))
