@@ -76,7 +76,7 @@ vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64
     have no test split and report val, so test is val unless ``test_fraction`` > 0.
 mosei (2 classes): ``mosei.vision`` sequence (50, 35), ``mosei.audio`` (50, 74), ``affect.text``
     (50, 300). A pickle {'train', 'valid', 'test'} of {'vision' (n, L, 35), 'audio' (n, L, 74),
-    'text' (n, L, 300) GloVe, 'labels' (n, 1, 1) sentiment}. Samples with all-zero text are
+    'text' (n, L, 300) GloVe, 'labels' (n, 1, 1) sentiment}. Samples whose text sums to 0 are
     dropped (MultiBench); ``align`` (on): start at the first step with text (the data is
     front-padded); ``znorm`` (on): per-sample, per-feature z-score (HighMMT's MOSEI pipeline);
     then cut / zero-pad at the end to ``seq_len`` (50); non-finite values (-inf audio) -> 0.

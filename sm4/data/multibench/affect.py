@@ -25,11 +25,13 @@ def _resolve(task: str, root: Path, names: tuple[str, ...]) -> Path:
 
 
 def _nonzero_rows(x: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """Indices of samples whose (L, F) array has a non-zero entry, in chunks (bounded memory)."""
+    """Indices of samples whose (L, F) array does not sum to zero (MultiBench's drop_entry keeps
+    those: ``k.sum() == 0`` is dropped, which is no text, or values that cancel), in chunks
+    (bounded memory)."""
     keep = np.zeros(len(x), dtype=bool)
     for start in range(0, len(x), chunk):
-        block = x[start:start + chunk]
-        keep[start:start + chunk] = (block != 0).reshape(len(block), -1).any(axis=1)
+        block = np.asarray(x[start:start + chunk])
+        keep[start:start + chunk] = block.reshape(len(block), -1).sum(axis=1) != 0
     return np.flatnonzero(keep)
 
 
