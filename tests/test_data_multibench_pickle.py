@@ -32,7 +32,7 @@ def test_pickles_are_read_safely(tmp_path):
     (tmp_path / "old" / "humor.pkl").write_bytes(blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert len(load_urfunny(tmp_path / "old").splits["urfunny"]["train"]) == 6
+        assert len(load_urfunny(tmp_path / "old").splits["urfunny"]["train"]) == 7
 
 
 def test_the_unpickler_takes_defaultdicts_of_plain_types_but_no_callable_factory(tmp_path):

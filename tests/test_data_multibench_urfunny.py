@@ -17,7 +17,10 @@ def test_urfunny(root):
                                "urfunny.audio": ModalitySpec("urfunny.audio", "sequence", (20, 81)),
                                SHARED_TEXT: ModalitySpec(SHARED_TEXT, "sequence", (20, 300))}
     splits = data.splits["urfunny"]
-    assert {s: len(splits[s]) for s in SPLITS} == {"train": 6, "val": 3, "test": 3}
+    # every sample, as HighMMT's humorloader feeds them (sample 1 has no text: MultiBench would drop it)
+    assert {s: len(splits[s]) for s in SPLITS} == {"train": 7, "val": 4, "test": 4}
+    dropped = load_urfunny(root / "urfunny", drop_empty_text=True).splits["urfunny"]
+    assert {s: len(dropped[s]) for s in SPLITS} == {"train": 6, "val": 3, "test": 3} and 1 not in dropped["train"].rows
     np.testing.assert_array_equal(splits["val"].targets.numpy(), splits["val"].rows % 2)
     check_items(splits["test"], data.modalities, "classification")
     with open(root / "urfunny" / "humor.pkl", "rb") as handle:

@@ -83,7 +83,8 @@ mosei (2 classes): ``mosei.vision`` sequence (50, 35), ``mosei.audio`` (50, 74),
     Label: sentiment >= 0 (HighMMT; ``zero_is_positive=False``: > 0, MultiBench's).
 urfunny (2 classes): ``urfunny.vision`` sequence (20, 371), ``urfunny.audio`` (20, 81),
     ``affect.text`` (50, 300). humor.pkl, the same layout; labels 0/1, class = label > 0.
-    ``align`` and ``znorm`` default off: HighMMT feeds humor.pkl's arrays as they are. Steps per
+    ``align``, ``znorm`` and ``drop_empty_text`` default off: HighMMT's humorloader feeds every
+    sample of humor.pkl as stored (MultiBench's affect loader drops text that sums to 0). Steps per
     field (``seq_len``): vision and audio 20, text 50 (Table 15; not padded to 50).
 mimic (2 classes, or 6): ``mimic.static`` tabular (5, 1), ``mimic.timeseries`` sequence (24, 12).
     im.pk {'ep_tdata' (n, 24, 12), 'adm_features_all' (n, 5), 'adm_labels_all' (n, 6), 'y_icd9'
