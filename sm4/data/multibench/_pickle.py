@@ -9,6 +9,8 @@ hold them, written by pandas 1.x under module paths pandas has since moved) are 
 (``pandas.compat.pickle_compat``), the C unpickler first and, where that fails on an old layout,
 pandas's compat unpickler; a pandas global is allowed only when it resolves to one of the data
 classes / their reconstructors below (never ``pandas.eval``, ``read_*``, or any other function).
+Like pandas 3's own ``read_pickle``, it reads pickles of pandas >= 1.0 (older module paths such as
+``pandas.core.index`` are refused as unknown).
 """
 
 from __future__ import annotations
