@@ -18,8 +18,8 @@ TORCH_VERSION ?= 2.13.0
 TRITON_PIN ?= triton==3.9.0
 TOOLS := setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark hypothesis==6.155.2
 # data tools: scikit-learn and mnist1d regenerate the bundled benchmark (its .npz ships with the
-# package); h5py reads MultiBench's PUSH and V&T files
-DATA_TOOLS := scikit-learn==1.9.1 mnist1d==0.0.2.post1 h5py==3.14.0
+# package); h5py reads MultiBench's PUSH and V&T files, pandas the pandas objects in its pickles
+DATA_TOOLS := scikit-learn==1.9.1 mnist1d==0.0.2.post1 h5py==3.14.0 pandas==3.1.1
 PYTEST_FLAGS ?=
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)

@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNTIME_REQUIRES = ["numpy", "tqdm"]
 EXTRAS = {
     "plots": ["matplotlib"],                     # the demo's and `report run`'s PNGs
-    "multibench": ["h5py", "Pillow"],            # PUSH and V&T (HDF5), ENRICO's images
+    "multibench": ["h5py", "Pillow", "pandas==3.1.1"],  # PUSH and V&T (HDF5), ENRICO's images, pickled pandas objects
     "yaml": ["pyyaml"],                          # YAML setting files
     "data": ["scikit-learn==1.9.1", "mnist1d==0.0.2.post1"],  # regenerating the bundled benchmark
     "test": ["pytest", "pytest-benchmark", "hypothesis"],

@@ -69,7 +69,8 @@ def write_affect(path, widths, binary=False, protocol=4, sizes=AFFECT_SIZES, see
     return data
 
 
-def write_mimic(path, n=MIMIC_N, seed=2):
+def write_mimic(path, n=MIMIC_N, seed=2, extra=None, protocol=2):
+    """MultiBench's im.pk: a dict of float64 / int64 arrays (``extra``: more keys, e.g. pandas objects)."""
     rng = np.random.default_rng(seed)
     series = rng.normal(3.0, 2.0, (n, 24, 12))
     series[0, 0, 0] = np.nan
@@ -79,10 +80,10 @@ def write_mimic(path, n=MIMIC_N, seed=2):
         if i % 3:
             mortality[i, 1 + i % 5] = 1
     data = {"ep_tdata": series, "adm_features_all": rng.normal(1.0, 4.0, (n, 5)),
-            "adm_labels_all": mortality, "y_icd9": (rng.random((n, 20)) > 0.5).astype(np.int64)}
+            "adm_labels_all": mortality, "y_icd9": (rng.random((n, 20)) > 0.5).astype(np.int64), **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
-        pickle.dump(data, handle, protocol=2)
+        pickle.dump(data, handle, protocol=protocol)
     return data
 
 
@@ -132,18 +133,31 @@ def write_push(folder):
         write_push_file(folder / name, count, seed=10 + seed)
 
 
-def write_vt_episode(path, steps=VT_STEPS, side=VT_SIDE, seed=5, drop=(), short=(), channels_first=False):
+def write_vt_episode(path, steps=VT_STEPS, side=VT_SIDE, seed=5, drop=(), short=(), channels_first=False,
+                     depth_2d=False):
+    """One episode of the vision & touch robot data (triangle_real_data/*.h5) with the fields and
+    per-step shapes the dataset's README lists (Lee et al.'s multimodal_representation: image
+    {50, 128, 128, 3}, depth_data {50, 128, 128, 1}, ee_forces_continuous {50, 50, 6}, contact
+    {50, 50}, proprio {50, 8}, action {50, 4}, optical_flow {50, 128, 128, 2}, ee_* and joint_*),
+    with fewer steps and a smaller image (``steps``, ``side``). dtypes as the RLDS conversion of the
+    same data: uint8 images, float32 otherwise. MultiBench's loader reads image, depth_data,
+    proprio[:8], ee_forces_continuous (its last 32 readings), action and contact."""
     import h5py
 
     rng = np.random.default_rng(seed)
+    contact = np.zeros((steps, 50), np.float32)
+    contact[1::2, ::7] = 1.0  # touching at odd steps: contact_next(t) = (t + 1) odd
     fields = {
         "image": rng.integers(0, 256, (steps, side, side, 3), dtype=np.uint8),
-        "depth_data": rng.random((steps, side, side)).astype(np.float32),
+        "depth_data": rng.random((steps, side, side) if depth_2d else (steps, side, side, 1)).astype(np.float32),
         "proprio": rng.normal(size=(steps, 8)).astype(np.float32),
-        "ee_forces_continuous": rng.normal(0, 3, (steps, 32, 6)).astype(np.float32),
+        "ee_forces_continuous": rng.normal(0, 3, (steps, 50, 6)).astype(np.float32),
         "action": rng.normal(size=(steps, 4)).astype(np.float32),
-        "contact": (np.arange(steps) % 2).astype(np.int64),
+        "contact": contact,
         "optical_flow": np.zeros((steps, side, side, 2), np.float32),
+        **{key: rng.normal(size=(steps, width)).astype(np.float32) for key, width in (
+            ("ee_ori", 4), ("ee_pos", 3), ("ee_vel", 3), ("ee_vel_ori", 3), ("ee_yaw", 4), ("ee_yaw_delta", 4),
+            ("joint_pos", 7), ("joint_vel", 7))},
     }
     if channels_first:
         fields["image"] = np.ascontiguousarray(np.transpose(fields["image"], (0, 3, 2, 1)))  # (T, 3, W, H)

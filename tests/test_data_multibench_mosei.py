@@ -41,3 +41,17 @@ def test_mosei(root):
     np.testing.assert_allclose(inputs["mosei.text"].numpy(), raw["text"][0], rtol=1e-6)
     assert inputs["mosei.audio"][-1, 0] == 0
     assert int(plain.splits["mosei"]["train"].targets[list(plain.splits["mosei"]["train"].rows).index(2)]) == 0
+
+
+def test_mosei_drops_the_samples_multibench_drops(tmp_path):
+    """MultiBench's drop_entry drops a sample whose text sums to zero (``k.sum() == 0``): no text,
+    or values that cancel."""
+    from .multibench_fixtures import write_affect
+
+    path = tmp_path / "mosei_senti_data.pkl"
+    raw = write_affect(path, (35, 74, 300))
+    raw["train"]["text"][3] = 0.0
+    raw["train"]["text"][3, -1, :2] = (0.5, -0.5)
+    path.write_bytes(pickle.dumps(raw, protocol=4))
+    rows = load_mosei(path).splits["mosei"]["train"].rows
+    assert 1 not in rows and 3 not in rows and len(rows) == 5

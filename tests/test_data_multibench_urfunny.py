@@ -17,7 +17,10 @@ def test_urfunny(root):
                                "urfunny.audio": ModalitySpec("urfunny.audio", "sequence", (20, 81)),
                                SHARED_TEXT: ModalitySpec(SHARED_TEXT, "sequence", (20, 300))}
     splits = data.splits["urfunny"]
-    assert {s: len(splits[s]) for s in SPLITS} == {"train": 6, "val": 3, "test": 3}
+    # every sample, as HighMMT's humorloader feeds them (sample 1 has no text: MultiBench would drop it)
+    assert {s: len(splits[s]) for s in SPLITS} == {"train": 7, "val": 4, "test": 4}
+    dropped = load_urfunny(root / "urfunny", drop_empty_text=True).splits["urfunny"]
+    assert {s: len(dropped[s]) for s in SPLITS} == {"train": 6, "val": 3, "test": 3} and 1 not in dropped["train"].rows
     np.testing.assert_array_equal(splits["val"].targets.numpy(), splits["val"].rows % 2)
     check_items(splits["test"], data.modalities, "classification")
     with open(root / "urfunny" / "humor.pkl", "rb") as handle:
@@ -29,3 +32,14 @@ def test_urfunny(root):
     assert [default.modalities[m].shape[0] for m in ("urfunny.vision", "urfunny.audio", SHARED_TEXT)] == [20, 20, 50]
     with pytest.raises(ValueError, match="seq_len"):
         load_urfunny(root / "urfunny", seq_len={"vision": 20})
+
+
+def test_urfunny_znorm_scores_the_whole_sequence_then_cuts(root):
+    """MultiBench's / HighMMT's Affectdataset z-scores the whole (aligned) sequence, then pads or
+    cuts it: the first 20 steps of the 50-step z-score, not a z-score of 20 steps."""
+    with open(root / "urfunny" / "humor.pkl", "rb") as handle:
+        vision = pickle.load(handle)["train"]["vision"][0].astype(np.float64)  # sample 0: all 50 steps
+    data = load_urfunny(root / "urfunny", znorm=True, align=True)
+    inputs, _ = data.splits["urfunny"]["train"][0]
+    expected = (vision - vision.mean(axis=0)) / vision.std(axis=0, ddof=1)  # torch.std: unbiased
+    np.testing.assert_allclose(inputs["urfunny.vision"].numpy(), expected[:20], rtol=1e-4, atol=1e-5)

@@ -50,6 +50,7 @@ def test_setup_declares_every_import():
     # what `python -m sm4 train` and `demo` import at run time is required, not an extra
     assert {"numpy", "tqdm"} <= declared
     assert "matplotlib" in extras["plots"] and "h5py" in extras["multibench"]
+    assert "pandas==3.1.1" in extras["multibench"]  # the pickles' pandas objects (sm4.data.multibench._pickle)
 
 
 def load_torch_wheel():

@@ -101,3 +101,46 @@ def test_expert_usage_counts_every_assignment(data, tmp_path):
 
     plot_expert_usage(usage, model.modality_names, list(data.tasks), str(tmp_path / "usage.png"))
     assert (tmp_path / "usage.png").stat().st_size > 0
+
+
+def imbalanced_data(n=48, minority=4):
+    """One MultiBench-style task whose train split carries class-balanced sampling weights (as
+    ENRICO's): ``minority`` of ``n`` samples are class 1."""
+    from sm4.data.bundled import SPLITS, ModalitySpec, MultiTaskData, TaskSpec
+    from sm4.data.multibench import MultiBenchDataset
+    from sm4.data.multibench._common import class_balanced_weights
+
+    targets = torch.zeros(n, dtype=torch.int64)
+    targets[:minority] = 1
+    features = torch.randn(n, 4, 3, generator=torch.Generator().manual_seed(0))
+    modalities = {"t.x": ModalitySpec("t.x", "sequence", (4, 3))}
+    splits = {split: MultiBenchDataset("t", modalities, lambda row: {"t.x": features[row].numpy()}, range(n), targets, "mem")
+              for split in SPLITS}
+    splits["train"].sampling_weights = class_balanced_weights(targets)
+    return MultiTaskData(modalities=modalities, tasks={"t": TaskSpec("t", ("t.x",), "classification", 2, "accuracy")},
+                         splits={"t": splits}, description="imbalanced")
+
+
+def test_the_trainer_draws_a_split_with_its_own_sampler_seeded(tmp_path):
+    """MultiBench samples ENRICO's train split class-balanced (WeightedRandomSampler): the trainer
+    draws through the split's sampler, from its seeded shuffle generator (the same seed, the same
+    draws); validation is read in order."""
+    data = imbalanced_data()
+    setting = tiny_setting(epochs=1)
+    setting.train.batch_size = 8
+
+    def drawn(seed):
+        setting.train.seed = seed
+        trainer = Trainer(experiment.build_model(setting, data), data, setting.train, str(tmp_path / str(seed)),
+                          progress=False)
+        loader = trainer._loaders("train", shuffle=True)["t"]
+        assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+        assert not isinstance(trainer._loaders("val", shuffle=False)["t"].sampler, torch.utils.data.WeightedRandomSampler)
+        draws = torch.cat([target for _ in range(5) for _, target in loader])
+        trainer.train_epoch()  # trains through it
+        return draws
+
+    first = drawn(0)
+    assert torch.equal(first, drawn(0)) and not torch.equal(first, drawn(1))
+    # uniform shuffling would give 4 / 48 = 8 % of class 1; balanced, about half
+    assert 0.35 < first.float().mean() < 0.65, first.float().mean()

@@ -168,14 +168,21 @@ def collate(batch):
 
 
 def task_loader(data: MultiTaskData, task: str, split: str, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, drop_last: bool = False) -> DataLoader:
+                generator: torch.Generator | None = None, drop_last: bool = False,
+                own_sampler: bool = False) -> DataLoader:
     """A DataLoader over one task's split whose batches are ``(dict of (B, *shape) float32,
-    target (B,) int64 or (B, num_outputs) float32)``."""
+    target (B,) int64 or (B, num_outputs) float32)``.
+
+    own_sampler: with ``shuffle``, a split that names its own sampler (``split.sampler(generator)``
+    not None, e.g. MultiBench ENRICO's class-balanced WeightedRandomSampler) is drawn with it, from
+    ``generator``, instead of a uniform shuffle; other splits shuffle as usual."""
     if task not in data.splits:
         raise KeyError(f"unknown task {task!r}; tasks are {sorted(data.splits)}")
     if split not in data.splits[task]:
         raise KeyError(f"unknown split {split!r} of task {task!r}; splits are {sorted(data.splits[task])}")
-    return DataLoader(data.splits[task][split], batch_size=batch_size, shuffle=shuffle,
+    dataset = data.splits[task][split]
+    sampler = dataset.sampler(generator) if shuffle and own_sampler and callable(getattr(dataset, "sampler", None)) else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, drop_last=drop_last, collate_fn=collate)
 
 

@@ -133,8 +133,9 @@ class Trainer:
             # unless the split is smaller than one batch.
             batch_size = schedule.task_batch_size(self.config, task)
             drop_last = shuffle and len(self.data.splits[task][split]) >= batch_size
+            # own_sampler: a split's own sampler (MultiBench ENRICO's class-balanced one), seeded by self.shuffle
             loaders[task] = task_loader(self.data, task, split, batch_size, shuffle=shuffle,
-                                        generator=self.shuffle if shuffle else None, drop_last=drop_last)
+                                        generator=self.shuffle if shuffle else None, drop_last=drop_last, own_sampler=True)
         return loaders
 
     def _to_device(self, batch):

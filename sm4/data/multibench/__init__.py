@@ -26,8 +26,11 @@ Directory layout under ``root`` (each task's folder can be moved with ``paths={t
     mimic/    im.pk                                      (MultiBench's MIMIC-III pickle)
 
 PUSH and V&T are HDF5 files and need ``h5py`` (imported only when those tasks load; ENRICO's
-images need Pillow). The pickles are read by a restricted unpickler that builds numpy arrays and
-plain containers only; ``allow_unsafe_pickle=True`` lifts that for a file you trust.
+images need Pillow; pandas objects in a pickle need pandas: ``pip install 'sm4[multibench]'``).
+The pickles are read by a restricted unpickler (``_pickle``) that builds numpy arrays, pandas data
+objects (DataFrame, Series, Index, ..., pandas 1.x's module paths included, as pandas.read_pickle
+reads them) and plain containers only, and refuses every other global (no code from the file
+runs); ``allow_unsafe_pickle=True`` lifts that for a file you trust.
 
 Tasks, modalities and the choices made (each configurable through the loader's keywords). Images
 are cut into patches here, per modality (``patchify``), so keep the model's own ``patch_size`` at 1:
@@ -46,7 +49,7 @@ enrico (20 classes, in sorted topic order): ``enrico.screenshot``, ``enrico.wire
     Splits 65/15/20 from ``random.Random(42)``, screen for screen MultiBench's (whose test loaders
     read its train split by mistake; test here is the held-out 20 %). MultiBench samples ENRICO's
     train split class-balanced: the train split carries those weights (``sampling_weights``,
-    ``sampler()``); sm4's trainer does not use them yet (it samples uniformly).
+    ``sampler()``) and sm4's trainer draws it with them (``task_loader(own_sampler=True)``, seeded).
 push (regression, 32 outputs, MSE): ``push.gripper_pos`` sequence (16, 3), ``push.gripper_sensors``
     (16, 7), ``push.control`` (16, 7), ``push.image`` image (32, 32, 16). Gentle Push (MuJoCo)
     trajectories ``trajectory<i>`` with ``eef_pos`` (T, 3), ``force`` (T, 6), ``contact`` (T,),
@@ -65,19 +68,23 @@ vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64
     ``proprio`` (T, >=8), ``ee_forces_continuous`` (T, >=32, 6), ``action`` (T, A), ``contact``
     (T, ...). Sample t < T - 1: image, depth, proprio[:8] and the last ``force_window`` (32) force
     readings (tanh, as MultiBench) at t, the action at t + 1; target: contact at t + 1
-    (MultiBench's ``contact_next``). uint8 images /255; ``image_patch`` / ``depth_patch`` 8.
-    Episodes are split by file with a seeded permutation: val ``val_fraction`` (0.2); MultiBench
-    and HighMMT have no test split and report val, so test is val unless ``test_fraction`` > 0.
+    (MultiBench's ``contact_next``). uint8 images fed as their 0-255 values, as MultiBench's
+    ToTensor (``rescale_images=True``: /255); ``image_patch`` / ``depth_patch`` 8.
+    Episodes are split by file with a seeded permutation: val ``val_fraction`` (0.2), and each val
+    episode brings its paired episode from train (MultiBench's ``augment_val``: same name prefix,
+    ``<prefix><n>_1000.h5``; ``paired_val=False``: the drawn files alone); MultiBench and HighMMT
+    have no test split and report val, so test is val unless ``test_fraction`` > 0.
 mosei (2 classes): ``mosei.vision`` sequence (50, 35), ``mosei.audio`` (50, 74), ``affect.text``
     (50, 300). A pickle {'train', 'valid', 'test'} of {'vision' (n, L, 35), 'audio' (n, L, 74),
-    'text' (n, L, 300) GloVe, 'labels' (n, 1, 1) sentiment}. Samples with all-zero text are
+    'text' (n, L, 300) GloVe, 'labels' (n, 1, 1) sentiment}. Samples whose text sums to 0 are
     dropped (MultiBench); ``align`` (on): start at the first step with text (the data is
     front-padded); ``znorm`` (on): per-sample, per-feature z-score (HighMMT's MOSEI pipeline);
     then cut / zero-pad at the end to ``seq_len`` (50); non-finite values (-inf audio) -> 0.
     Label: sentiment >= 0 (HighMMT; ``zero_is_positive=False``: > 0, MultiBench's).
 urfunny (2 classes): ``urfunny.vision`` sequence (20, 371), ``urfunny.audio`` (20, 81),
     ``affect.text`` (50, 300). humor.pkl, the same layout; labels 0/1, class = label > 0.
-    ``align`` and ``znorm`` default off: HighMMT feeds humor.pkl's arrays as they are. Steps per
+    ``align``, ``znorm`` and ``drop_empty_text`` default off: HighMMT's humorloader feeds every
+    sample of humor.pkl as stored (MultiBench's affect loader drops text that sums to 0). Steps per
     field (``seq_len``): vision and audio 20, text 50 (Table 15; not padded to 50).
 mimic (2 classes, or 6): ``mimic.static`` tabular (5, 1), ``mimic.timeseries`` sequence (24, 12).
     im.pk {'ep_tdata' (n, 24, 12), 'adm_features_all' (n, 5), 'adm_labels_all' (n, 6), 'y_icd9'

@@ -25,11 +25,13 @@ def _resolve(task: str, root: Path, names: tuple[str, ...]) -> Path:
 
 
 def _nonzero_rows(x: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """Indices of samples whose (L, F) array has a non-zero entry, in chunks (bounded memory)."""
+    """Indices of samples whose (L, F) array does not sum to zero (MultiBench's drop_entry keeps
+    those: ``k.sum() == 0`` is dropped, which is no text, or values that cancel), in chunks
+    (bounded memory)."""
     keep = np.zeros(len(x), dtype=bool)
     for start in range(0, len(x), chunk):
-        block = x[start:start + chunk]
-        keep[start:start + chunk] = (block != 0).reshape(len(block), -1).any(axis=1)
+        block = np.asarray(x[start:start + chunk])
+        keep[start:start + chunk] = block.reshape(len(block), -1).sum(axis=1) != 0
     return np.flatnonzero(keep)
 
 
@@ -47,7 +49,9 @@ class _AffectReader:
         out = {}
         for field, name in self.names.items():
             length = self.seq_len[field]
-            x = np.asarray(self.arrays[field][row][start:start + length], dtype=np.float32)
+            # z-scored over the whole aligned sequence, then cut to length (MultiBench's / HighMMT's order)
+            x = np.asarray(self.arrays[field][row][start:] if self.znorm else self.arrays[field][row][start:start + length],
+                           dtype=np.float32)
             x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             if self.znorm:
                 if len(x) > 1:
@@ -56,6 +60,7 @@ class _AffectReader:
                     x = np.divide(centred, std, out=np.zeros_like(x), where=std > 0)
                 else:
                     x = np.zeros_like(x)
+                x = x[:length]
             if len(x) < length:
                 x = np.concatenate([x, np.zeros((length - len(x), x.shape[1]), np.float32)])
             out[name] = x

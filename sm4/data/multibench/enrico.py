@@ -48,8 +48,8 @@ def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int = 
     """ENRICO UI design topics from the ENRICO folder ``root`` (design_topics.csv, screenshots/,
     wireframes/). ``image_size`` (height, width) of both images before cutting into patches.
     balanced_train (default True): the train split carries MultiBench's class-balanced sampling
-    weights (``MultiBenchDataset.sampling_weights`` / ``.sampler()``; a loop that samples
-    uniformly ignores them)."""
+    weights (``MultiBenchDataset.sampling_weights`` / ``.sampler()``), which sm4's trainer draws
+    with (``task_loader(..., own_sampler=True)``); a loop that samples uniformly ignores them."""
     task, root = "enrico", Path(root)
     csv_path = _require_file(task, root / ENRICO_CSV)
     height, width = (int(s) for s in image_size)

@@ -14,8 +14,8 @@ from ._common import (MultiBenchDataset, VT_SUBDIR, _H5Files, _bad, _check_patch
 
 class _VTReader:
     def __init__(self, episodes: list[dict], samples: np.ndarray, image_patch: int, depth_patch: int,
-                 force_window: int, files: _H5Files, layout: str = "multibench"):
-        self.episodes, self.samples, self.layout = episodes, samples, layout
+                 force_window: int, files: _H5Files, layout: str = "multibench", rescale_images: bool = False):
+        self.episodes, self.samples, self.layout, self.rescale_images = episodes, samples, layout, rescale_images
         self.image_patch, self.depth_patch, self.force_window, self.files = image_patch, depth_patch, force_window, files
 
     def __call__(self, row: int) -> dict:
@@ -30,7 +30,7 @@ class _VTReader:
         image = read("image", t).astype(np.float32)
         if episode["chw"]:
             image = np.transpose(image, (2, 1, 0))  # as MultiBench does for (3, ., .) frames
-        if episode["image_uint8"]:
+        if episode["image_uint8"] and self.rescale_images:  # MultiBench feeds the 0-255 values as floats
             image = image / 255.0
         depth = read("depth_data", t).astype(np.float32).reshape(episode["depth_shape"])
         force = np.tanh(read("ee_forces_continuous", t).astype(np.float32)[-self.force_window:])
@@ -94,14 +94,56 @@ def _read_vt_episode(path: Path, force_window: int) -> dict:
                 "actions": shapes["action"][1], "contact_next": contact_next}
 
 
+def _episode_number(name: str) -> tuple[str, int] | None:
+    """(prefix, number) of an episode file ``<prefix><number>_1000.h5`` (number 0-99, as
+    MultiBench's robotics loader parses it), or None for a name of another form."""
+    stem = name[:-len("_1000.h5")] if name.endswith("_1000.h5") else None
+    if not stem or len(stem) < 2:
+        return None
+    digits = 1 if stem[-2] == "_" else 2
+    prefix, number = stem[:-digits], stem[-digits:]
+    return (prefix, int(number)) if number.isdigit() else None
+
+
+def _paired_val(names: list[str], val: list[int], train: list[int]) -> tuple[list[int], list[int]]:
+    """MultiBench's ``augment_val``: each validation episode brings its paired episode of the same
+    prefix from train into val: for an episode number below 10 the highest-numbered of 19, 18, ...,
+    0, else the lowest of 0, 1, ..., 19, that is still in train or already brought in as a pair
+    (then nothing moves). Returns (val, train) as indices into ``names``; episodes whose names are
+    not ``<prefix><number>_1000.h5`` bring none. Unlike MultiBench's list, a pair brought in twice
+    is listed once (MultiBench repeats its samples)."""
+    where = {name: i for i, name in enumerate(names)}
+    train_left, pairs = list(train), []
+    for index in val:
+        parsed = _episode_number(names[index])
+        if parsed is None:
+            continue
+        prefix, number = parsed
+        for candidate in (range(19, -1, -1) if number < 10 else range(20)):
+            other = where.get(f"{prefix}{candidate}_1000.h5")
+            if other in pairs:
+                break
+            if other in train_left:
+                train_left.remove(other)
+                pairs.append(other)
+                break
+    return pairs + [i for i in val if i not in pairs], train_left
+
+
 def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: int = 32, val_fraction: float = 0.2,
-            test_fraction: float = 0.0, seed: int = 0, layout: str = "multibench") -> MultiTaskData:
+            test_fraction: float = 0.0, seed: int = 0, layout: str = "multibench",
+            paired_val: bool = True, rescale_images: bool = False) -> MultiTaskData:
     """Vision & touch (MultiBench robotics) from a folder of episode .h5 files. Needs h5py. Predicts
     contact at the next step (2 classes). Episodes are split by file (seeded); test is val unless
     ``test_fraction`` > 0 (MultiBench evaluates on val). layout "multibench" (default, as MultiBench
     and HighMMT feed them): force (6, force_window), 6 tokens of the window's readings; proprio
     (1, 8) and action (1, A), one token each. "sm4" (earlier): force (force_window, 6), proprio
-    (8, 1) and action (A, 1) tables of one feature per token."""
+    (8, 1) and action (A, 1) tables of one feature per token. paired_val (default True, as
+    MultiBench's ``augment_val``): each val episode brings its paired episode (same name prefix,
+    see ``_paired_val``) from train into val, so val holds more than ``val_fraction`` of the
+    files; False: val is the seeded ``val_fraction`` draw alone (the earlier split).
+    rescale_images: divide uint8 camera images by 255 (sm4's earlier choice); default False, as
+    MultiBench's ToTensor, which only casts them to float."""
     task, root = "vt", Path(root)
     if layout not in ("multibench", "sm4"):
         raise ValueError(f"MultiBench {task}: layout must be 'multibench' or 'sm4', got {layout!r}")
@@ -128,8 +170,14 @@ def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: i
         raise ValueError(f"MultiBench {task}: {n} episode files cannot be split with val_fraction {val_fraction} "
                          f"and test_fraction {test_fraction} (each split needs a file; train at least one)")
     order = np.random.default_rng(seed).permutation(n)
-    chosen = {"val": order[:n_val], "test": order[n_val:n_val + n_test] if n_test else order[:n_val],
-              "train": order[n_val + n_test:]}
+    val, train = [int(i) for i in order[:n_val]], [int(i) for i in order[n_val + n_test:]]
+    if paired_val:
+        val, train = _paired_val([Path(e["path"]).name for e in episodes], val, train)
+        if not train:
+            raise ValueError(f"MultiBench {task}: with paired_val, the {n} episode files leave none for train "
+                             f"(val_fraction {val_fraction}); pass a smaller val_fraction or paired_val=False")
+    chosen = {"val": np.asarray(val), "test": order[n_val:n_val + n_test] if n_test else np.asarray(val),
+              "train": np.asarray(train)}
     modalities = {
         "vt.image": ModalitySpec("vt.image", "image", (height // image_patch, width // image_patch, image_patch**2 * 3)),
         "vt.depth": ModalitySpec("vt.depth", "image", (height // depth_patch, width // depth_patch, depth_patch**2)),
@@ -144,7 +192,8 @@ def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: i
                            "vt.action": ModalitySpec("vt.action", "tabular", (first["actions"], 1))})
     samples = np.asarray([(i, t) for i, e in enumerate(episodes) for t in range(e["steps"] - 1)], dtype=np.int64)
     targets = np.concatenate([e["contact_next"] for e in episodes])
-    reader = _VTReader(episodes, samples, image_patch, depth_patch, force_window, _H5Files(task), layout)
+    reader = _VTReader(episodes, samples, image_patch, depth_patch, force_window, _H5Files(task), layout,
+                       rescale_images)
     splits = {}
     for split in SPLITS:
         rows = np.flatnonzero(np.isin(samples[:, 0], chosen[split]))
