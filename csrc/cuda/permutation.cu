@@ -12,12 +12,13 @@
 // Bad metadata on the device (a check would be a host sync; CPU tensors are checked in Python):
 // the kernels mask, as the CUDA grouped GEMM does, and never access memory outside their tensors.
 //   permute: an assignment_row outside [0, N) is dropped (-1 is the inactive mark; anything else
-//     is not written either); the padding start offsets[E] is clamped to [0, N).
+//     is not written either); the padding start offsets[E] is clamped to [0, N], and the padding is
+//     zeroed before the rows are written, so bad offsets cannot erase a written row.
 //   unpermute / permute_backward: a row outside [0, N) reads as zeros (adds nothing).
 //   unpermute_backward: such a row is neither read nor written and its gate gradient is 0; the
-//     padding zeroed from the count of in-range rows.
-// Rows of the outputs that no in-range assignment reaches are then unspecified only where the
-// metadata is inconsistent (duplicate or missing rows); they are never outside the tensor.
+//     padding (zeroed first) starts at the count of in-range rows.
+// Output rows that no in-range assignment reaches are unspecified only where the metadata is
+// inconsistent (duplicate or missing rows); no access is ever outside the tensors.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
