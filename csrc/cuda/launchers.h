@@ -29,8 +29,8 @@ enum class FloatType { kFloat32, kFloat16, kBFloat16 };
 // Largest expert count of the CUDA gating kernels: each lane of a warp holds E / 32 <= 8 logits.
 constexpr int64_t kGatingMaxExperts = 256;
 
-// Number of per-block partial rows the gating forward writes (its grid size).
-int64_t topk_gating_num_blocks(int64_t num_tokens);
+// Number of per-block partial rows the gating forward writes (its grid size: 64 tokens a block, 32 for E > 128).
+int64_t topk_gating_num_blocks(int64_t num_tokens, int64_t num_experts);
 
 // Fused noisy top-k gating forward (contract: csrc/sm4_ops.cpp, topk_gating_forward).
 //   x: (T, d) of x_type; weight: (d, E) fp32; noise: (T, E) fp32 or null; token_k: (T,) int64
