@@ -69,6 +69,10 @@ CONFIGS = [
     ("T = 1, d odd", (1, 7, 5, 2, False, True, True)),
     ("E = 67 > one 64-lane tile", (23, 16, 67, 4, True, True, False)),
     ("several CPU token blocks", (300, 64, 32, 2, True, True, False)),
+    # The CUDA forward's tilings: 64 tokens a block with 16-byte weight rows (E % 4 == 0), and
+    # 32 tokens a block for E > 128 with d past one 32-feature tile (a partial last tile).
+    ("E = 128, three CUDA blocks", (130, 40, 128, 2, False, True, True)),
+    ("E = 160 > 128, three CUDA blocks", (70, 45, 160, 3, True, True, False)),
 ]
 
 

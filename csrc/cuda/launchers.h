@@ -29,8 +29,8 @@ enum class FloatType { kFloat32, kFloat16, kBFloat16 };
 // Largest expert count of the CUDA gating kernels: each lane of a warp holds E / 32 <= 8 logits.
 constexpr int64_t kGatingMaxExperts = 256;
 
-// Number of per-block partial rows the gating forward writes (its grid size).
-int64_t topk_gating_num_blocks(int64_t num_tokens);
+// Number of per-block partial rows the gating forward writes (its grid size: 64 tokens a block, 32 for E > 128).
+int64_t topk_gating_num_blocks(int64_t num_tokens, int64_t num_experts);
 
 // Fused noisy top-k gating forward (contract: csrc/sm4_ops.cpp, topk_gating_forward).
 //   x: (T, d) of x_type; weight: (d, E) fp32; noise: (T, E) fp32 or null; token_k: (T,) int64
@@ -70,20 +70,25 @@ cudaError_t launch_bin_counts(const int64_t* ids, int64_t num_assignments, int64
 cudaError_t launch_metadata_scatter(const int64_t* ids, const int64_t* block_start, int64_t num_assignments,
                                     int64_t num_experts, int64_t k, int64_t* sorted_assignment,
                                     int64_t* sorted_token, int64_t* assignment_row, cudaStream_t stream);
-// out[assignment_row[t, r]] = x[t] for active (t, r). x, out: (T, d) / (N, d) of `type`.
+// The row kernels mask rows outside [0, num_rows) (see permutation.cu): no access outside the tensors.
+// out[assignment_row[t, r]] = x[t] for rows in [0, num_out_rows). x, out: (T, d) / (num_out_rows, d) of `type`.
 cudaError_t launch_scatter_rows(const void* x, FloatType type, const int64_t* assignment_row, int64_t num_tokens,
-                                int64_t k, int64_t dim, void* out, cudaStream_t stream);
-// Zeroes rows [*first_padding_row, num_rows) of out (num_rows, d); the row index is read on the device.
+                                int64_t k, int64_t num_out_rows, int64_t dim, void* out, cudaStream_t stream);
+// Zeroes rows [clamp(*first_padding_row, 0, num_rows), num_rows) of out (num_rows, d); the row index is
+// read on the device.
 cudaError_t launch_zero_rows_from(void* out, FloatType type, const int64_t* first_padding_row, int64_t num_rows,
                                   int64_t dim, cudaStream_t stream);
-// out[t] = sum over active r of (weights[t, r] or 1 if null) * src[assignment_row[t, r]], in fp32.
+// out[t] = sum over r with a row in [0, num_src_rows) of (weights[t, r] or 1 if null) * src[assignment_row[t, r]],
+// in fp32. src: (num_src_rows, d).
 cudaError_t launch_combine_rows(const void* src, FloatType type, const float* weights, const int64_t* assignment_row,
-                                int64_t num_tokens, int64_t k, int64_t dim, void* out, cudaStream_t stream);
+                                int64_t num_tokens, int64_t k, int64_t num_src_rows, int64_t dim, void* out,
+                                cudaStream_t stream);
 // grad_sorted[row(t, r)] = gates[t, r] * grad_y[t]; grad_gates[t, r] = grad_y[t] . y_sorted[row(t, r)]
-// (0 for inactive ranks). Padding rows of grad_sorted are left to launch_zero_rows_from.
+// (0 for inactive ranks and rows outside [0, num_rows)). y_sorted, grad_sorted: (num_rows, d). Padding rows
+// of grad_sorted are left to launch_zero_rows_from.
 cudaError_t launch_unpermute_backward(const void* grad_y, const void* y_sorted, FloatType type, const float* gates,
-                                      const int64_t* assignment_row, int64_t num_tokens, int64_t k, int64_t dim,
-                                      void* grad_sorted, float* grad_gates, cudaStream_t stream);
+                                      const int64_t* assignment_row, int64_t num_tokens, int64_t k, int64_t num_rows,
+                                      int64_t dim, void* grad_sorted, float* grad_gates, cudaStream_t stream);
 
 }  // namespace sm4::cuda
 

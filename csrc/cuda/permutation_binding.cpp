@@ -44,11 +44,12 @@ at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& assignment_row, c
   const at::Tensor xc = x.contiguous(), rows = assignment_row.contiguous(), offsets = expert_offsets.contiguous();
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = x.size(1);
   at::Tensor out = at::empty({tokens * k, dim}, x.options());
-  check_launch(cuda::launch_scatter_rows(xc.data_ptr(), float_type(x, op), rows.data_ptr<int64_t>(), tokens, k, dim, out.data_ptr(),
-                                  current_stream()),
-        op);
+  // Padding first, then the rows: a bad offsets[E] cannot erase rows the scatter wrote.
   check_launch(cuda::launch_zero_rows_from(out.data_ptr(), float_type(x, op), offsets.data_ptr<int64_t>() + offsets.numel() - 1,
                                     tokens * k, dim, current_stream()),
+        op);
+  check_launch(cuda::launch_scatter_rows(xc.data_ptr(), float_type(x, op), rows.data_ptr<int64_t>(), tokens, k, tokens * k, dim,
+                                         out.data_ptr(), current_stream()),
         op);
   return out;
 }
@@ -60,7 +61,7 @@ at::Tensor combine(const at::Tensor& src_rows, const at::Tensor* weights, const 
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = src.size(1);
   at::Tensor out = at::empty({tokens, dim}, src.options());
   check_launch(cuda::launch_combine_rows(src.data_ptr(), float_type(src, op), weights ? w.data_ptr<float>() : nullptr,
-                                  rows.data_ptr<int64_t>(), tokens, k, dim, out.data_ptr(), current_stream()),
+                                  rows.data_ptr<int64_t>(), tokens, k, src.size(0), dim, out.data_ptr(), current_stream()),
         op);
   return out;
 }
@@ -82,14 +83,15 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   const int64_t tokens = rows.size(0), k = rows.size(1), dim = y.size(1);
   at::Tensor grad_sorted = at::empty_like(y);
   at::Tensor grad_gates = at::empty({tokens, k}, g.options());
-  check_launch(cuda::launch_unpermute_backward(gy.data_ptr(), y.data_ptr(), float_type(y, op), g.data_ptr<float>(),
-                                        rows.data_ptr<int64_t>(), tokens, k, dim, grad_sorted.data_ptr(),
-                                        grad_gates.data_ptr<float>(), current_stream()),
-        op);
-  // Rows from A on were not written: zero them, with A counted on the device (no host sync).
-  const at::Tensor active = (rows >= 0).sum().to(at::kLong);
+  // Rows from A on are not written: zero them first (then bad metadata cannot erase written rows), with A
+  // (the in-range rows) counted on the device (no host sync).
+  const at::Tensor active = ((rows >= 0) & (rows < y.size(0))).sum().to(at::kLong);
   check_launch(cuda::launch_zero_rows_from(grad_sorted.data_ptr(), float_type(y, op), active.data_ptr<int64_t>(), y.size(0), dim,
                                     current_stream()),
+        op);
+  check_launch(cuda::launch_unpermute_backward(gy.data_ptr(), y.data_ptr(), float_type(y, op), g.data_ptr<float>(),
+                                        rows.data_ptr<int64_t>(), tokens, k, y.size(0), dim, grad_sorted.data_ptr(),
+                                        grad_gates.data_ptr<float>(), current_stream()),
         op);
   return {grad_sorted, grad_gates.to(gates.scalar_type())};
 }

@@ -51,7 +51,7 @@ topk_gating_forward_cuda(const at::Tensor& x, const at::Tensor& router_weight, c
   at::Tensor ids = at::empty({T, k}, longs), gates = at::empty({T, k}, floats);
   at::Tensor entropy = at::empty({T}, floats), runner_up = at::empty({T}, longs);
   at::Tensor logits = at::empty({T, E}, floats);
-  const int64_t blocks = std::max<int64_t>(cuda::topk_gating_num_blocks(T), 1);
+  const int64_t blocks = std::max<int64_t>(cuda::topk_gating_num_blocks(T, E), 1);
   at::Tensor block_importance = at::zeros({blocks, E}, floats), block_load = at::zeros({blocks, E}, floats);
   at::Tensor block_counts = at::zeros({blocks, E}, longs);
   check_launch(cuda::launch_topk_gating_forward(
