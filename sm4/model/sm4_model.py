@@ -19,6 +19,7 @@ from torch import nn
 
 from ..modules import SM4EncoderLayer, SparseMoEAttention, SparseMoEFFN
 from ..training.adaptive import modality_gradient_scale
+from .batch_norm import BatchNorm1d  # nn.BatchNorm1d, whole-batch statistics under data parallelism
 from .config import ModelConfig
 from .tokenize import Tokenizer
 
@@ -154,7 +155,7 @@ class SM4Model(nn.Module):
         self.heads = nn.ModuleDict({
             task: nn.Sequential(
                 nn.Flatten(), nn.Linear(len(mods) * head_tokens * config.width, outputs),
-                nn.BatchNorm1d(outputs) if config.head_batch_norm else nn.Identity(),
+                BatchNorm1d(outputs) if config.head_batch_norm else nn.Identity(),
             )
             for task, (mods, outputs) in tasks.items()
         })
