@@ -159,6 +159,15 @@ class SM4Model(nn.Module):
             )
             for task, (mods, outputs) in tasks.items()
         })
+        if config.head_batch_norm:
+            # The final LayerNorm's bias and the heads' Linear biases add one constant per output,
+            # which the heads' BatchNorm subtracts in training: their gradient is zero up to
+            # rounding, and Adam (dividing each gradient by its own scale) would turn that rounding
+            # into steps of about lr, a random walk that only moves the running means. Frozen (kept
+            # in the state_dict); also what keeps data-parallel runs equal to one process's.
+            self.final_norm.bias.requires_grad_(False)
+            for head in self.heads.values():
+                head[1].bias.requires_grad_(False)
         # AEA's k and ALP's gradient weights per modality (buffers: saved with the model).
         self.register_buffer("modality_k", torch.full((len(self.modality_names),), config.top_k, dtype=torch.long))
         self.register_buffer("modality_weight", torch.ones(len(self.modality_names)))
