@@ -44,12 +44,21 @@ def cv_squared(values: torch.Tensor) -> torch.Tensor:
     return values.var(correction=1) / (values.mean() ** 2 + CV_EPS)
 
 
+# Set by sm4.modules.batch_share while a training forward runs inside a share: draws each
+# sample's noise from the share's stream (data-parallel processes then draw what one process
+# draws for their rows). None: draw from the generator.
+sample_noise = None
+
+
 def router_noise(num_tokens: int, num_experts: int, device, generator=None) -> torch.Tensor:
     """The standard-normal draws of the router noise, (T, E) float32 from ``generator``.
 
     Every backend draws its noise here, so a generator in the same state gives every backend the
-    same noise and training-mode results compare exactly.
+    same noise and training-mode results compare exactly. Without a generator, inside a
+    ``sm4.modules.batch_share`` share, the share's per-sample draws.
     """
+    if generator is None and sample_noise is not None:
+        return sample_noise(num_tokens, num_experts, device)
     return torch.randn((num_tokens, num_experts), generator=generator, device=device, dtype=torch.float32)
 
 

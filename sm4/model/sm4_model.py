@@ -19,6 +19,7 @@ from torch import nn
 
 from ..modules import SM4EncoderLayer, SparseMoEAttention, SparseMoEFFN
 from ..training.adaptive import modality_gradient_scale
+from .batch_norm import BatchNorm1d  # nn.BatchNorm1d, whole-batch statistics under data parallelism
 from .config import ModelConfig
 from .tokenize import Tokenizer
 
@@ -154,10 +155,19 @@ class SM4Model(nn.Module):
         self.heads = nn.ModuleDict({
             task: nn.Sequential(
                 nn.Flatten(), nn.Linear(len(mods) * head_tokens * config.width, outputs),
-                nn.BatchNorm1d(outputs) if config.head_batch_norm else nn.Identity(),
+                BatchNorm1d(outputs) if config.head_batch_norm else nn.Identity(),
             )
             for task, (mods, outputs) in tasks.items()
         })
+        if config.head_batch_norm:
+            # The final LayerNorm's bias and the heads' Linear biases add one constant per output,
+            # which the heads' BatchNorm subtracts in training: their gradient is zero up to
+            # rounding, and Adam (dividing each gradient by its own scale) would turn that rounding
+            # into steps of about lr, a random walk that only moves the running means. Frozen (kept
+            # in the state_dict); also what keeps data-parallel runs equal to one process's.
+            self.final_norm.bias.requires_grad_(False)
+            for head in self.heads.values():
+                head[1].bias.requires_grad_(False)
         # AEA's k and ALP's gradient weights per modality (buffers: saved with the model).
         self.register_buffer("modality_k", torch.full((len(self.modality_names),), config.top_k, dtype=torch.long))
         self.register_buffer("modality_weight", torch.ones(len(self.modality_names)))

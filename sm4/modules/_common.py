@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..routing import balance_terms
 from ..types import RoutingResult
+from . import batch_share
 from ._mha_compat import jit_script_refusal
 
 
@@ -97,7 +99,7 @@ class SparseMoEModule(nn.Module):
     def _record(self, routings: dict[str, RoutingResult]) -> None:
         loss = None
         for routing in routings.values():
-            term = routing.balance_loss(self.moe.balance_loss_weight)
+            term = _balance_loss(routing, self.moe.balance_loss_weight)
             loss = term if loss is None else loss + term
         self.aux_loss = loss
         self.routing_stats = {
@@ -129,6 +131,18 @@ class SparseMoEModule(nn.Module):
     def extra_repr(self) -> str:
         m = self.moe
         return f"num_experts={m.num_experts}, top_k={m.top_k}, noise_std={m.noise_std}, renormalize={m.renormalize}"
+
+
+def _balance_loss(routing: RoutingResult, weight: float) -> torch.Tensor:
+    """``weight * (CV^2(importance) + CV^2(load))`` of the whole batch: inside a data-parallel
+    share (``batch_share``) importance and load are first summed over the processes, so the CV^2
+    is the single-process one (each process holds the same loss; see sm4.training.distributed)."""
+    share = batch_share.current()
+    if share is None or share.reduce is None or weight == 0:
+        return routing.balance_loss(weight)
+    importance, load = batch_share.all_sum(torch.stack((routing.importance, routing.load))).unbind(0)
+    importance_loss, load_loss = balance_terms(importance, load)
+    return weight * (importance_loss + load_loss)
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
+from . import batch_share
 from ._common import MoEConfig, SparseMoEModule, init_experts_like_linear, init_router
 from ._mha_compat import (NO_PACKED_PROJECTION, AttentionRuntimeError, AttentionTypeError, AttentionValueError,
                           padding_mask, renest, unnest)
@@ -357,14 +358,17 @@ class SparseMoEAttention(SparseMoEModule):
         q, k, v = heads(q), heads(k), heads(v)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights:
+        # Inside a data-parallel share the dropout mask is drawn per sample (batch_share), which
+        # SDPA's own dropout cannot do: the explicit path then.
+        if need_weights or (dropout_p > 0.0 and batch_share.current() is not None):
             scores = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
             if mask is not None:
                 scores = scores + mask
             weights = torch.softmax(scores, dim=-1)
             if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
+                weights = batch_share.dropout(weights, p=dropout_p)
             attended = weights @ v
+            weights = weights if need_weights else None
         else:
             attended = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                         is_causal=use_causal_hint)

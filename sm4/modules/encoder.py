@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_share import Dropout  # nn.Dropout, per-sample masks in a data-parallel share
 from ._common import SparseMoEModule
 from ._encoder_checks import check_forward_arguments
 from ._mha_compat import jit_script_refusal
@@ -124,14 +125,14 @@ class SM4EncoderLayer(nn.Module):
         else:
             self.ffn = None
             self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-            self.dropout = nn.Dropout(dropout)
+            self.dropout = Dropout(dropout)
             self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
             self.activation = _dense_activation(activation)
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def forward(
         self,

@@ -8,14 +8,17 @@ validation loss with only that modality kept), ALP (per-modality gradient weight
 epoch's mean routing entropy), a JSON-lines log entry, and checkpoints written atomically
 (``last.pt`` every epoch, ``best.pt`` at the best epoch by Σ eval_weight · metric, with the sign
 flipped for lower-is-better metrics). ``fit(resume=True)`` continues from ``last.pt`` exactly:
-model, optimiser, AEA/ALP state, and the RNG states (router noise, dropout, shuffling); the
-learning-rate schedule is rebuilt for the configured number of epochs and brought to the
+model, optimiser, AEA/ALP state, and the RNG states (shuffling, torch's and Python's generators;
+the router noise and dropout of each training forward are drawn from a stream keyed on the seed,
+epoch, step and task, ``sm4.modules.batch_share``, so that data-parallel processes draw what one
+process draws for their rows, see ``sm4.training.distributed``); the learning-rate schedule is rebuilt for the configured number of epochs and brought to the
 checkpoint's epoch, so extending a run (more epochs) continues its schedule over the new length.
 A checkpoint trained with another configuration is refused (``run_folder.check_resumable``); a
 fresh start empties the folder's log and removes its old checkpoints.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .._io import write_atomically, write_text_atomically
-from ..modules import SparseMoEModule, collect_aux_loss
+from ..modules import SparseMoEModule, batch_share, collect_aux_loss
 from . import distributed, schedule
 from .expert_allocation import AdaptiveExpertAllocation, modality_validation_loss
 from .learning_pace import AdaptiveLearningPace
@@ -157,26 +160,34 @@ class Trainer:
         # two accumulators, read once at the end (one tensor bound to both names summed the aux loss into the task loss)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_total = torch.zeros((), dtype=torch.float64, device=self.device)
-        if distributed.world_size() > 1:
-            # Each process its own stream of router noise and dropout for its rows (alike they would
-            # repeat one draw on different rows), from the seed, the epoch and the rank: a resume
-            # continues it. The shuffle generator stays common: every process draws the same batches.
-            torch.manual_seed((self.config.seed * 1_000_003 + self.epoch) * 1009 + distributed.rank())
-        bar = _progress(range(steps), f"epoch {self.epoch + 1}/{self.config.epochs}", self.progress and distributed.rank() == 0)
-        for _, step_batches in zip(bar, stream):
+        world, index = distributed.world_size(), distributed.rank()
+        if world > 1:
+            # The router noise and dropout of the sparse layers come from the shares' streams below;
+            # whatever else draws from torch's generator (a dense baseline's nn.MultiheadAttention)
+            # draws its own per process, from the seed, the epoch and the rank (a resume continues it).
+            # The shuffle generator stays common: every process draws the same batches.
+            torch.manual_seed((self.config.seed * 1_000_003 + self.epoch) * 1009 + index)
+        reduce = distributed.all_sum if world > 1 else None
+        bar = _progress(range(steps), f"epoch {self.epoch + 1}/{self.config.epochs}", self.progress and index == 0)
+        for step, (_, step_batches) in enumerate(zip(bar, stream)):
             self.optimizer.zero_grad(set_to_none=True)
             loss = 0.0
             aux = 0.0
             for task, batch in step_batches:
+                rows = batch[1].shape[0]
                 batch, fraction = distributed.share(batch)  # this process's rows (all of them alone)
                 inputs, target = self._to_device(batch)
                 spec = self.data.tasks[task]
-                output = self.model(task, inputs)
+                # Per-sample draws of the whole batch and whole-batch statistics (batch_share): the
+                # same forward for these rows whatever the number of processes.
+                with batch_share.sharing(self._draw_key(step, task), rows, index, world, reduce):
+                    output = self.model(task, inputs)
                 weight = schedule.task_train_weight(self.config, task, spec.train_weight) * fraction
                 if self.config.alp and self.config.alp_mode == "loss":
                     weight *= self.alp.task_loss_scale(self.task_modalities[task])
                 loss = loss + weight * task_loss(spec.kind, output, target)
-                aux = aux + self._aux_loss() / distributed.world_size()
+                # alike on every process (whole-batch CV^2): each takes 1/W of it (distributed.py)
+                aux = aux + self._aux_loss() / world
                 self._record_entropy()
             total_loss = loss + aux
             total_loss.backward()
@@ -191,6 +202,12 @@ class Trainer:
         distributed.sum_(total)
         distributed.sum_(aux_total)
         return float(total) / steps, float(aux_total) / steps
+
+    def _draw_key(self, step: int, task: str) -> int:
+        """The seed of one step's draws for one task: from the run's seed, the epoch, the step and
+        the task (a resume draws what the uninterrupted run drew, with no generator state)."""
+        text = f"{self.config.seed}/{self.epoch}/{step}/{task}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
     def _aux_loss(self):
         losses = [m.aux_loss for m in self.sparse_modules if m.aux_loss is not None]
