@@ -27,11 +27,23 @@ def info(args):
         print(f"  backend {name:<9} {'available' if reason is None else 'unavailable: ' + reason}")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``prog: error: ...``) and exit status 2, like every other
+    CLI error; the usage is left to ``--help``. Subcommand parsers inherit the class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
-    parser = argparse.ArgumentParser(prog="python -m sm4", description=__doc__)
+    parser = OneLineErrorParser(prog="python -m sm4", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Taken out of argv above (it may stand anywhere on the line); declared here for --help only.
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message (anywhere on the line)")
     subparsers = parser.add_subparsers(required=True, dest="command")
     subparsers.add_parser("info", help="what this installation built and which backends it can use").set_defaults(func=info)
     demo.add_parser(subparsers)
@@ -46,6 +58,13 @@ def main(argv=None):
             raise
         print(f"\n{experiment.interrupted_message(args)}", file=sys.stderr)
         return 130
+    except SystemExit as error:
+        # A bare exit status (sys.exit(0), argparse of a nested tool) passes through; a message is a user
+        # error like any other: one line, status 2 (a message-carrying SystemExit would otherwise exit 1).
+        if debug or error.code is None or isinstance(error.code, int):
+            raise
+        print(f"{parser.prog} {args.command}: error: {' '.join(str(error.code).split())}", file=sys.stderr)
+        return 2
     except Exception as error:  # noqa: BLE001 - every error becomes one line (or a traceback with --debug)
         if debug:
             raise

@@ -145,7 +145,7 @@ def plot(data: dict, path: str) -> None:
     plt = pyplot()
     groups = rows_by_group(data)
     if not groups:
-        raise SystemExit("no sm4 results with timings in this file (was it run with --benchmark-disable?)")
+        raise ValueError("no sm4 results with timings in this file (was it run with --benchmark-disable?)")
     columns = 3
     rows = math.ceil(len(groups) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 2.6 * rows), squeeze=False)
@@ -181,7 +181,7 @@ def run_report(args) -> int:
     if args.peers:
         rows = peer_rows(data)
         if not rows:
-            raise SystemExit(f"{args.results} has no timed bench_peer.py rows")
+            raise ValueError(f"{args.results} has no timed bench_peer.py rows")
         print(f"{machine_line(data)}\n\n{render_peer_table(rows, markdown=args.markdown)}")
         return 0
     print(render_markdown(data) if args.markdown else render_text(data))

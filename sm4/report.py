@@ -281,11 +281,11 @@ def run_plots(args) -> int:
             with open(path) as handle:
                 history = [json.loads(line) for line in handle if line.strip()]
         except FileNotFoundError as error:
-            raise SystemExit(f"{path} not found: give run folders written by `python -m sm4 train`") from error
+            raise FileNotFoundError(f"{path} not found: give run folders written by `python -m sm4 train`") from error
         except json.JSONDecodeError as error:
-            raise SystemExit(f"{path}: line {error.lineno} is not JSON ({error.msg})") from error
+            raise ValueError(f"{path}: line {error.lineno} is not JSON ({error.msg})") from error
         if not history:
-            raise SystemExit(f"{path} has no epochs yet")
+            raise ValueError(f"{path} has no epochs yet")
         histories[os.path.basename(os.path.normpath(folder))] = history
         for task, values in history[-1]["val"].items():
             metrics[task] = next(key for key in values if key != "loss")

@@ -88,5 +88,5 @@ def test_peer_table_flags_the_rows_sm4_loses(tmp_path, capsys):
 
 
 def test_peer_table_of_a_run_without_peer_rows_is_refused(results_file):
-    with pytest.raises(SystemExit, match="no timed bench_peer.py rows"):
-        main(["bench", "report", "--peers", str(results_file)])
+    with pytest.raises(ValueError, match="no timed bench_peer.py rows"):
+        main(["bench", "report", "--peers", str(results_file), "--debug"])

@@ -131,3 +131,52 @@ def test_oversubscription_is_warned_about():
     assert "OMP_NUM_THREADS=1" in oversubscription_warning(load=1.0, available=2, threads=2)  # one other process
     assert oversubscription_warning(load=0.2, available=2, threads=2) is None  # quiet
     assert oversubscription_warning(load=5.0, available=2, threads=1) is None
+
+
+# The whole process, as a user runs it: PyYAML hidden (as on an install without it), the worktree's sm4.
+_CLI = "import sys; sys.modules['yaml'] = None; from sm4.__main__ import main; sys.exit(main())"
+
+
+def run_cli(*arguments, cwd=None):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", _CLI, *arguments], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "run").mkdir()
+    (folder / "run" / "log.jsonl").write_text("{not json\n")
+    (folder / "empty").mkdir()
+    (folder / "empty" / "log.jsonl").write_text("")
+    (folder / "bench.json").write_text(json.dumps({"benchmarks": [], "machine_info": {}}))
+    (folder / "setting.yaml").write_text("model: {}\n")
+    return folder
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["report", "run", "{f}/missing"], "log.jsonl not found"),
+    (["report", "run", "{f}/run"], "line 1 is not JSON"),
+    (["report", "run", "{f}/empty"], "has no epochs yet"),
+    (["bench", "report", "--peers", "{f}/bench.json"], "has no timed bench_peer.py rows"),
+    (["train", "--setting", "{f}/setting.yaml", "--out", "{f}/out"], "reading YAML needs PyYAML"),
+    (["train", "--epochs", "0", "--out", "{f}/out"], "must be at least 1"),
+])
+def test_every_cli_error_is_one_line_and_status_2_in_a_real_process(bad_inputs, arguments, message):
+    """Each of these exited 1 (``raise SystemExit(message)``) or printed argparse's usage block."""
+    result = run_cli(*(argument.format(f=bad_inputs) for argument in arguments))
+    err = result.stderr.strip()
+    assert result.returncode == 2, (result.returncode, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert not (bad_inputs / "out").exists()
+
+
+def test_debug_keeps_the_traceback_and_is_in_help(bad_inputs):
+    result = run_cli("report", "run", f"{bad_inputs}/missing", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+    assert "--debug" in run_cli("--help").stdout

@@ -54,8 +54,8 @@ def test_run_plots_from_a_log(tmp_path, capsys):
     (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     assert main(["report", "run", str(run)]) == 0
     assert (run / "curves.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="log.jsonl not found"):
-        main(["report", "run", str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError, match="log.jsonl not found"):
+        main(["report", "run", str(tmp_path / "missing"), "--debug"])
     (run / "log.jsonl").write_text("{not json\n")
-    with pytest.raises(SystemExit, match="line 1 is not JSON"):
-        main(["report", "run", str(run)])
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        main(["report", "run", str(run), "--debug"])

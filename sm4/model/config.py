@@ -183,7 +183,7 @@ class Setting:
             try:
                 import yaml
             except ImportError as error:
-                raise SystemExit(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use JSON") from error
+                raise ImportError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use JSON") from error
             data = yaml.safe_load(text)
         else:
             try:
