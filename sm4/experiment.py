@@ -205,9 +205,6 @@ def run_train(args) -> int:
         warning = machine.oversubscription_warning()
         if warning:
             print(warning)
-        if distributed.active() and setting.model.dense and setting.model.dropout > 0:
-            print("data-parallel: the dense baseline's attention dropout (torch's nn.MultiheadAttention) draws per "
-                  "process, so this run is not the single-process draw (README, Data-parallel)")
 
     def started(epoch):
         if lead:

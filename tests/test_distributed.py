@@ -1,6 +1,7 @@
 """Data-parallel training with torch.distributed: two gloo processes on CPU take half of every batch
 each and, over two whole epochs of a published-style setting (router noise, dropout, the heads'
-BatchNorm, the balancing loss, AEA and ALP on), end with the same parameters, gradients, logged
+BatchNorm, the balancing loss, AEA and ALP on) and of a dense baseline (dropout in its attention),
+end with the same parameters, gradients, logged
 losses, validation numbers, k and ALP weights as one process taking the whole batch
 (sm4/training/distributed.py says why and how)."""
 
@@ -30,24 +31,31 @@ def data():
     return MultiTaskData(full.modalities, full.tasks, splits, "a slice of the bundled digits and diabetes")
 
 
-def setting():
+def setting(kind="sparse"):
     """The small setting's model choices and training, at a size that trains in seconds: noise,
     dropout 0.1, the heads' BatchNorm, the balancing loss, AEA and ALP as published. A batch of
-    45 rows: shares of 23 and 22 rows (the losses' weights must follow the shares)."""
+    45 rows: shares of 23 and 22 rows (the losses' weights must follow the shares).
+
+    kind "dense": the papers' Dense Model 1 (dense attention and FFN, twice the depth), dropout
+    0.1 in its attention, AEA and ALP off (as ``--dense``)."""
     small = SETTINGS["small"]
     sizes = dict(latent_tokens=4, width=16, cross_head_dim=16, latent_heads=2, latent_head_dim=8, heads=2,
                  ffn_hidden=16, num_experts=4, top_k=2)
+    if kind == "dense":
+        sizes.update(dense=True, dense_kind="double_depth")
     model = dataclasses.replace(small.model, **sizes)
     assert model.noise_std > 0 and model.dropout > 0 and model.head_batch_norm and model.balance_loss_weight > 0
     train = dataclasses.replace(small.train, epochs=2, batch_size=45, lr=3e-3, task_batch_size={},
                                 task_train_weight={"digits": 2.0}, task_eval_weight={})
     assert train.aea and train.alp and train.epoch_schedule == "once"
+    if kind == "dense":
+        train = dataclasses.replace(train, aea=False, alp=False)
     return Setting("ddp", model, train)
 
 
-def train_once(out_dir):
+def train_once(out_dir, kind="sparse"):
     torch.manual_seed(0)
-    s = setting()
+    s = setting(kind)
     trainer = Trainer(experiment.build_model(s, data()), data(), s.train, out_dir, progress=False)
     trainer.fit(resume=False)
     return trainer
@@ -59,6 +67,24 @@ def result_of(trainer) -> dict:
             "grads": {name: None if p.grad is None else p.grad.clone() for name, p in trainer.model.named_parameters()}}
 
 
+def count_host_reads(module_file):
+    """Patch the tensor-to-host reads (tolist, item, bool, int, float) to count the calls made from
+    ``module_file``; returns the counter (a one-element list)."""
+    import sys
+
+    count = [0]
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename == module_file:
+                count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        setattr(torch.Tensor, name, counted)
+    return count
+
+
 def assert_near(actual, expected, name, rel=3e-5):
     if not expected.is_floating_point():
         assert torch.equal(actual, expected), name
@@ -67,12 +93,16 @@ def assert_near(actual, expected, name, rel=3e-5):
     assert error <= rel * expected.double().norm().item() + 1e-12, f"{name}: |difference| {error:.3g}, |tensor| {expected.norm():.3g}"
 
 
-def _worker(index, world, init_file, out_dir, result_file):
+def _worker(index, world, init_file, out_dir, result_file, kind="sparse"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=index, world_size=world)
     torch.set_num_threads(1)
     try:
-        trainer = train_once(out_dir)
-        torch.save(result_of(trainer), f"{result_file}.{index}")
+        reads = count_host_reads(distributed.__file__)
+        steps = []
+        step = torch.optim.Adam.step
+        torch.optim.Adam.step = lambda self, *a, **k: (steps.append(1), step(self, *a, **k))[1]
+        trainer = train_once(out_dir, kind)
+        torch.save({**result_of(trainer), "host_reads": reads[0], "steps": len(steps)}, f"{result_file}.{index}")
     finally:
         distributed.finish()  # a barrier, then the teardown
 
@@ -105,12 +135,19 @@ def test_a_share_draws_its_rows_of_the_whole_batch():
     assert batch_share.current() is None and reference.sample_noise is None  # restored after the block
 
 
-def test_two_gloo_processes_match_one_with_the_published_settings(tmp_path):
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_two_gloo_processes_match_one_with_the_published_settings(tmp_path, kind):
+    """sparse: the published SM4 setting. dense: the Dense Model 1 baseline, whose attention
+    dropout (torch's nn.MultiheadAttention before DenseAttention) drew per process."""
     result = tmp_path / "ddp.pt"
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result)), nprocs=2,
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result), kind), nprocs=2,
                        join=True, start_method="spawn")
-    single = result_of(train_once(str(tmp_path / "single")))
+    single = result_of(train_once(str(tmp_path / "single"), kind))
     ranks = [torch.load(f"{result}.{index}") for index in range(2)]
+    for ddp in ranks:
+        # the "which parameters have a gradient" read is made once per set of them (here every step
+        # has both tasks: one set), not once a step; plus GradientSum.check's once an epoch
+        assert ddp["steps"] == 6 and ddp["host_reads"] == 1 + 2, (ddp["steps"], ddp["host_reads"])
     for ddp in ranks:  # both processes hold the single-process model (and made the same decisions)
         # Relative to each tensor's norm: Adam divides each element's gradient by its own scale, so
         # an element whose gradient is near zero moves by about lr whatever its rounding: compared

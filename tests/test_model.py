@@ -9,6 +9,7 @@ import torch
 import sm4
 from sm4.model import SETTINGS, ModelConfig, Setting, SM4Model, Tokenizer, fourier_encode, frequencies, get_setting
 from sm4.model.tokenize import grid_positions, patchify
+from sm4.modules.dense_attention import DenseAttention
 
 MODALITIES = {"image": ("image", (4, 4, 1)), "series": ("sequence", (6, 2)), "table": ("tabular", (3, 1))}
 TASKS = {"both": (("image", "series"), 5), "table": (("table",), 1)}
@@ -151,7 +152,7 @@ def test_dense_ablation_and_flops():
     torch.manual_seed(0)
     sparse = SM4Model(small_config(), MODALITIES, TASKS).eval()
     dense = SM4Model(small_config(dense=True), MODALITIES, TASKS).eval()
-    assert dense.layers[0].ffn is None and isinstance(dense.layers[0].self_attn, torch.nn.MultiheadAttention)
+    assert dense.layers[0].ffn is None and isinstance(dense.layers[0].self_attn, DenseAttention)
     from sm4.flops import count_flops
 
     x = {name: t[:1] for name, t in inputs().items()}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import SM4EncoderLayer, SparseMoEAttention, SparseMoEFFN
+from ..modules.dense_attention import DenseAttention
 from ..training.adaptive import modality_gradient_scale
 from .batch_norm import BatchNorm1d  # nn.BatchNorm1d, whole-batch statistics under data parallelism
 from .config import ModelConfig
@@ -150,6 +151,11 @@ class SM4Model(nn.Module):
                             backend=config.backend)
             for _ in range(depth)
         )
+        for layer in self.layers:
+            if not layer.sparse_attention:
+                # torch's nn.MultiheadAttention draws its dropout per process; DenseAttention (same
+                # parameters and state dict) draws it per sample, so data-parallel runs equal one process.
+                layer.self_attn = DenseAttention.from_multihead(layer.self_attn)
         self.final_norm = nn.LayerNorm(config.width)
         head_tokens = 1 if config.head_pool == "mean" else config.latent_tokens
         self.heads = nn.ModuleDict({

@@ -17,7 +17,6 @@ Nested-tensor input (what torch's encoder makes of a padding mask) is accepted.
 """
 
 import contextlib
-import math
 import warnings
 
 import torch
@@ -26,7 +25,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import ops
-from . import batch_share
+from ._attend import as_additive as _as_additive, attend, merge_masks as _merge_masks
 from ._common import MoEConfig, SparseMoEModule, init_experts_like_linear, init_router
 from ._mha_compat import (NO_PACKED_PROJECTION, AttentionRuntimeError, AttentionTypeError, AttentionValueError,
                           padding_mask, renest, unnest)
@@ -356,22 +355,9 @@ class SparseMoEAttention(SparseMoEModule):
 
         heads = lambda t: t.reshape(batch, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = heads(q), heads(k), heads(v)
-        dropout_p = self.dropout if self.training else 0.0
-        weights = None
-        # Inside a data-parallel share the dropout mask is drawn per sample (batch_share), which
-        # SDPA's own dropout cannot do: the explicit path then.
-        if need_weights or (dropout_p > 0.0 and batch_share.current() is not None):
-            scores = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            weights = torch.softmax(scores, dim=-1)
-            if dropout_p > 0.0:
-                weights = batch_share.dropout(weights, p=dropout_p)
-            attended = weights @ v
-            weights = weights if need_weights else None
-        else:
-            attended = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                        is_causal=use_causal_hint)
+        # SDPA, or the explicit softmax for the weights or per-sample dropout in a data-parallel share
+        attended, weights = attend(q, k, v, mask, self.dropout if self.training else 0.0, use_causal_hint,
+                                   need_weights)
         attended = attended.transpose(1, 2).reshape(batch, tgt_len, self.embed_dim)
         output = self.out_proj(attended)
         self._record(routings)
@@ -417,35 +403,3 @@ class SparseMoEAttention(SparseMoEModule):
                 layer.bias_k.copy_(mha.bias_k)
                 layer.bias_v.copy_(mha.bias_v)
         return layer
-
-
-def _as_additive(mask, dtype):
-    """A bool (True = masked) or float mask (checked before) as an additive float mask in ``dtype``."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
-
-
-def _merge_masks(attn_mask, key_padding_mask, batch, num_heads, tgt_len, src_len):
-    """attn_mask (L, S) or (N * H, L, S) and key_padding_mask (N, S) -> one (N, H or 1, L, S) mask."""
-    merged = None
-    if attn_mask is not None:
-        if attn_mask.dim() == 2:
-            if attn_mask.shape != (tgt_len, src_len):
-                raise AttentionRuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}.")
-            merged = attn_mask.view(1, 1, tgt_len, src_len)
-        elif attn_mask.dim() == 3:
-            if attn_mask.shape != (batch * num_heads, tgt_len, src_len):
-                raise AttentionRuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
-                                   f"{(batch * num_heads, tgt_len, src_len)}.")
-            merged = attn_mask.view(batch, num_heads, tgt_len, src_len)
-        else:
-            raise AttentionRuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
-    if key_padding_mask is not None:
-        if key_padding_mask.shape != (batch, src_len):
-            raise AttentionValueError(f"expecting key_padding_mask shape of {(batch, src_len)}, but got {tuple(key_padding_mask.shape)}")
-        padding = key_padding_mask.view(batch, 1, 1, src_len)
-        merged = padding if merged is None else merged + padding
-    return merged

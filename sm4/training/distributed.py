@@ -17,15 +17,16 @@ load use sums over all processes (``all_sum``, differentiable).
 Gradients: each process's loss is its part of the whole batch's loss and the parts sum to it:
 its task losses are scaled by its share of the batch (local rows / batch rows), and the balancing
 loss, whole-batch and so alike on every process, by 1/W. ``all_sum``'s backward is again a sum
-over the processes (the adjoint of a sum), so after ``sum_gradients`` every process holds the
+over the processes (the adjoint of a sum), so after ``GradientSum`` every process holds the
 gradient of the whole batch's loss: the single-process gradient, up to the order of float sums.
 A parameter without a gradient on any process keeps none (as alone, where Adam skips it).
 
 Validation, AEA and ALP decisions are made alike on every process (each evaluates the whole
 validation split; the ALP entropy sums are summed here), and only process 0 writes logs and
 checkpoints. Whole epochs match one process (tests/test_distributed.py). Limits: a batch needs at
-least W rows (``share`` refuses fewer); dropout outside the sparse layers and SM4EncoderLayer
-(torch's ``nn.MultiheadAttention`` of a dense baseline) draws from each process's own stream.
+least W rows (``share`` refuses fewer); a module drawing from torch's generator inside the model
+(a plain ``nn.Dropout`` with p > 0 added by a user) draws from each process's own stream. sm4's
+models have none: the dense baselines' attention is ``sm4.modules.dense_attention``.
 """
 
 import os
@@ -91,30 +92,76 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return _AllSum.apply(tensor) if active() else tensor
 
 
+class GradientSum:
+    """Sums the gradients of a fixed list of parameters over the processes, once a step: one
+    all-reduce per dtype of a flat buffer of every trainable parameter (zeros where this process
+    has no gradient) with each process's "has a gradient" flags appended. A parameter with a
+    gradient on some process ends with the sum; one with none anywhere keeps None (as alone, where
+    Adam skips it).
+
+    Which parameters have a gradient anywhere is read to the host only when this process's own set
+    of parameters with gradients is one it has not seen (the first step, a step with another set of
+    tasks): then it is cached under that set. In the steady state there is no host read; each step
+    compares the reduced flags with the cached answer on the device, and ``check()`` (once an epoch)
+    raises if they ever differed. They agree as long as equal local sets give equal global ones,
+    which holds because every process runs the same forward over the same tasks each step; the
+    buffers are alike on every process whatever the sets, so the collectives always match.
+    ``host_reads`` counts the reads."""
+
+    def __init__(self, parameters):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.host_reads = 0
+        self._used = {}  # local flags (tuple of bools) -> which parameters have a gradient anywhere
+        self._mismatch = None  # device bool: a step whose reduced flags differed from the cached ones
+
+    def __call__(self) -> None:
+        if not active() or not self.parameters:
+            return
+        local = tuple(p.grad is not None for p in self.parameters)
+        groups = {}  # dtype -> parameters, in order (one flat buffer each)
+        for p in self.parameters:
+            groups.setdefault(p.dtype, []).append(p)
+        summed, counts = {}, None
+        for dtype, parameters in groups.items():
+            parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in parameters]
+            if counts is None:  # the flags ride along in the first buffer (small integers: exact in any float)
+                parts.append(torch.tensor(local, dtype=dtype, device=parameters[0].device))
+            flat = torch.cat(parts)
+            dist.all_reduce(flat)
+            if counts is None:
+                counts = flat[-len(local):]
+            sizes = [p.numel() for p in parameters]
+            for p, piece in zip(parameters, flat[:sum(sizes)].split(sizes)):
+                summed[p] = piece.view_as(p)
+        used = self._used.get(local)
+        if used is None:
+            used = self._used[local] = tuple(bool(count) for count in counts.tolist())
+            self.host_reads += 1
+        else:
+            differs = ((counts > 0) != torch.tensor(used, device=counts.device)).any()
+            self._mismatch = differs if self._mismatch is None else self._mismatch | differs
+        for p, anywhere in zip(self.parameters, used):
+            if not anywhere:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = summed[p].clone()
+            else:
+                p.grad.copy_(summed[p])
+
+    def check(self) -> None:
+        """Raise if a step's parameters with gradients anywhere were not the cached ones (a host
+        read: call it where the loop reads its losses anyway)."""
+        if self._mismatch is not None and bool(self._mismatch):
+            raise RuntimeError("data-parallel: the processes' sets of parameters with gradients differed in a way the "
+                               "cached sets did not predict (a data-dependent missing gradient); the summed gradients "
+                               "may have kept None where a process had one")
+        self._mismatch = None
+
+
 def sum_gradients(parameters) -> None:
-    """Sum every gradient over the processes (one all-reduce for all of them). A parameter with a
-    gradient on some process gets zeros where it has none; one with none anywhere keeps none."""
-    if not active():
-        return
-    parameters = [p for p in parameters if p.requires_grad]
-    if not parameters:
-        return
-    device = parameters[0].device
-    # Which parameters have a gradient anywhere (a host read once a step, a handful of bytes).
-    has = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int32, device=device)
-    dist.all_reduce(has)
-    used = [p for p, count in zip(parameters, has.tolist()) if count]
-    for parameter in used:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-    for dtype in dict.fromkeys(p.grad.dtype for p in used):  # one flat buffer per dtype
-        grads = [p.grad for p in used if p.grad.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+    """Sum every gradient over the processes, once (see ``GradientSum``; a training loop keeps one
+    ``GradientSum`` so that the host read is made once per set of parameters, not every step)."""
+    GradientSum(parameters)()
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,7 @@ class Trainer:
         self.sparse_modules = [m for m in model.modules() if isinstance(m, SparseMoEModule)]
         self.optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
         self.scheduler = self._make_scheduler()
+        self._gradient_sum = distributed.GradientSum(model.parameters())
         modalities = list(model.modality_names)
         # literal_clamp=False: "revert" undoes only a growth that happened (a plateau at k_max does
         # not grow, so a second one freezes the modality at k_max instead of dropping it below).
@@ -162,9 +163,9 @@ class Trainer:
         aux_total = torch.zeros((), dtype=torch.float64, device=self.device)
         world, index = distributed.world_size(), distributed.rank()
         if world > 1:
-            # The router noise and dropout of the sparse layers come from the shares' streams below;
-            # whatever else draws from torch's generator (a dense baseline's nn.MultiheadAttention)
-            # draws its own per process, from the seed, the epoch and the rank (a resume continues it).
+            # The router noise and every dropout of sm4's models come from the shares' streams below;
+            # anything else drawing from torch's generator (a user's own module) draws its own per
+            # process, from the seed, the epoch and the rank (a resume continues it).
             # The shuffle generator stays common: every process draws the same batches.
             torch.manual_seed((self.config.seed * 1_000_003 + self.epoch) * 1009 + index)
         reduce = distributed.all_sum if world > 1 else None
@@ -191,7 +192,7 @@ class Trainer:
                 self._record_entropy()
             total_loss = loss + aux
             total_loss.backward()
-            distributed.sum_gradients(self.model.parameters())
+            self._gradient_sum()  # over the processes (nothing alone)
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
@@ -201,6 +202,7 @@ class Trainer:
             self.scheduler.step()
         distributed.sum_(total)
         distributed.sum_(aux_total)
+        self._gradient_sum.check()
         return float(total) / steps, float(aux_total) / steps
 
     def _draw_key(self, step: int, task: str) -> int:
