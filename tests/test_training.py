@@ -144,3 +144,56 @@ def test_the_trainer_draws_a_split_with_its_own_sampler_seeded(tmp_path):
     assert torch.equal(first, drawn(0)) and not torch.equal(first, drawn(1))
     # uniform shuffling would give 4 / 48 = 8 % of class 1; balanced, about half
     assert 0.35 < first.float().mean() < 0.65, first.float().mean()
+
+
+def test_bars_for_the_epoch_validation_aea_passes_and_the_test_pass(tmp_path, monkeypatch):
+    """#18: a bar for training, validation, each AEA pass (one per modality of a multimodal task)
+    and the test pass; none with progress=False."""
+    from sm4.training import trainer as trainer_module
+
+    from .run_helpers import small_data, tiny_setting as small_setting
+
+    shown = []
+    plain = trainer_module._progress
+    monkeypatch.setattr(trainer_module, "_progress",
+                        lambda iterable, description, enabled: (shown.append((description, enabled)),
+                                                                plain(iterable, description, False))[1])
+    from torch.utils.data import Subset
+
+    from sm4.data.bundled import MultiTaskData
+
+    full = small_data(("digits",))  # a slice: a few steps and batches of each kind
+    splits = {"digits": {split: Subset(full.splits["digits"][split], range(rows))
+                         for split, rows in {"train": 100, "val": 40, "test": 20}.items()}}
+    data = MultiTaskData(full.modalities, full.tasks, splits, "a slice of digits")
+    experiment.train(small_setting(epochs=1), data, str(tmp_path / "a"), progress=True)
+    bars = {description for description, enabled in shown if enabled}
+    assert {"epoch 1/1", "val digits", "test digits"} <= bars
+    assert {f"AEA {m} digits" for m in data.tasks["digits"].modalities} <= bars
+    shown.clear()
+    experiment.train(small_setting(epochs=1), data, str(tmp_path / "b"), progress=False)
+    assert shown and not any(enabled for _, enabled in shown)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_training_step_walks_no_module_tree(tmp_path, monkeypatch, dense):
+    """Profile-guided: walking model.modules() each step cost more than the small models' layers;
+    the trainer finds its modules once (a dense model's zero balancing loss walked it every step)."""
+    import dataclasses
+
+    from torch import nn
+
+    from .run_helpers import small_data, tiny_setting as small_setting
+
+    data = small_data(("wine",))
+    setting = small_setting(epochs=1)
+    setting = dataclasses.replace(setting, model=dataclasses.replace(setting.model, dense=dense))
+    trainer = Trainer(experiment.build_model(setting, data), data, setting.train, str(tmp_path), progress=False)
+    trainer.model.train()
+    monkeypatch.setattr(trainer.model, "train", lambda mode=True: trainer.model)  # once an epoch, not a step
+    walks = []
+    for name in ("modules", "named_modules", "children", "named_children"):
+        original = getattr(nn.Module, name)
+        monkeypatch.setattr(nn.Module, name, lambda self, *a, _o=original, _n=name, **k: (walks.append(_n), _o(self, *a, **k))[1])
+    trainer.train_epoch()
+    assert walks == []

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .._io import write_atomically, write_text_atomically
-from ..modules import SparseMoEModule, batch_share, collect_aux_loss
+from ..modules import SparseMoEModule, batch_share
 from . import distributed, schedule
 from .expert_allocation import AdaptiveExpertAllocation, modality_validation_loss
 from .learning_pace import AdaptiveLearningPace
@@ -213,8 +213,8 @@ class Trainer:
 
     def _aux_loss(self):
         losses = [m.aux_loss for m in self.sparse_modules if m.aux_loss is not None]
-        if not losses:
-            return collect_aux_loss(self.model)  # a zero on the model's device
+        if not losses:  # a dense model: a zero (collect_aux_loss would walk the module tree every step)
+            return torch.zeros((), device=self.device)
         return torch.stack([loss.float() for loss in losses]).sum()
 
     @torch.no_grad()
