@@ -25,6 +25,7 @@ def info(args):
         print(f"  compiled op sm4::{op}: {', '.join(keys) or 'no kernels'}")
     for name, reason in details["backends"].items():
         print(f"  backend {name:<9} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

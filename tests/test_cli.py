@@ -2,6 +2,7 @@
 says where to resume (130), a resume says where it starts, eval --json, MultiBench from --data."""
 
 import json
+import re
 
 import pytest
 
@@ -37,6 +38,9 @@ def test_train_resume_and_eval_json(tiny, tmp_path, capsys):
     assert main(["train", "--setting", tiny, "--out", str(run), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/1 *  train loss" in out and "chem k=" in out and "test:" in out
+    # one line per epoch: train loss, each task's validation metric, k and ALP weight per modality
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 1 and "val: wine accuracy 0." in epoch_lines[0] and re.search(r"\|\s+chem k=[12] w=1\.000$", epoch_lines[0])
     assert main(["train", "--setting", tiny, "--out", str(run), "--quiet", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert f"resuming {run} from epoch 1 of 2" in out and "epoch 2/2" in out
@@ -133,18 +137,19 @@ def test_oversubscription_is_warned_about():
     assert oversubscription_warning(load=5.0, available=2, threads=1) is None
 
 
-# The whole process, as a user runs it: PyYAML hidden (as on an install without it), the worktree's sm4.
-_CLI = "import sys; sys.modules['yaml'] = None; from sm4.__main__ import main; sys.exit(main())"
+# The whole process, as a user runs it: optional packages hidden (as on an install without them),
+# the worktree's sm4.
+_CLI = "import sys; sys.modules.update(dict.fromkeys({hide!r})); from sm4.__main__ import main; sys.exit(main())"
 
 
-def run_cli(*arguments, cwd=None):
+def run_cli(*arguments, hide=("yaml",)):
     import pathlib
     import subprocess
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "-c", _CLI, *arguments], capture_output=True, text=True, cwd=root,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", _CLI.format(hide=list(hide)), *arguments], capture_output=True,
+                          text=True, cwd=root, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +185,33 @@ def test_debug_keeps_the_traceback_and_is_in_help(bad_inputs):
     result = run_cli("report", "run", f"{bad_inputs}/missing", "--debug")
     assert result.returncode == 1 and "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
     assert "--debug" in run_cli("--help").stdout
+
+
+def test_plots_without_matplotlib_say_how_to_install_it(bad_inputs):
+    run = bad_inputs / "logged"
+    run.mkdir(exist_ok=True)
+    entry = {"epoch": 1, "val": {"wine": {"loss": 1.0, "accuracy": 0.5}}, "k": {"chem": 1}, "alp_weights": {"chem": 1.0}}
+    (run / "log.jsonl").write_text(json.dumps(entry) + "\n")
+    result = run_cli("report", "run", str(run), hide=("matplotlib", "matplotlib.pyplot"))
+    err = result.stderr.strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1 and 'pip install "sm4[plots]"' in err, err
+
+
+def test_hdf5_without_h5py_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from sm4.data.multibench import _common
+
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(ImportError, match="needs h5py \\(pip install h5py\\)"):
+        _common._h5py()
+
+
+def test_info_shows_the_built_backends_and_help_documents_epochs(capsys):
+    assert main(["info"]) == 0
+    assert "sm4: built backends:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs EPOCHS epochs to train in all (default: the setting's, 100 for the published ones)" in help_text

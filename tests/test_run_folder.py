@@ -156,7 +156,7 @@ def test_plots_label_their_axes_and_share_one_colour_scale(data, tmp_path, monke
     assert len(figures[1].axes) == 5  # four panels and the colour bar
 
 
-def test_the_demo_plots_the_whole_runs(data, tmp_path, monkeypatch):
+def test_the_demo_plots_the_whole_runs(data, tmp_path, monkeypatch, capsys):
     import argparse
 
     import sm4.data
@@ -173,3 +173,5 @@ def test_the_demo_plots_the_whole_runs(data, tmp_path, monkeypatch):
     demo.run_main_job(argparse.Namespace(setting=str(setting), epochs=3, out=str(tmp_path / "demo")))
     assert {label: [e["epoch"] for e in history] for label, history in plotted.items()} == {"SM4": [1, 2, 3],
                                                                                          "dense": [1, 2, 3]}
+    out = capsys.readouterr().out  # the figure's machine and load, at the start and the end
+    assert "machine: " in out and "machine at the end: " in out and out.count("load average") >= 2
