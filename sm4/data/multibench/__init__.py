@@ -43,9 +43,9 @@ avmnist (10 classes): ``avmnist.image`` image (7, 7, 16), ``avmnist.audio`` imag
     become the features: HighMMT's ``to4by4`` layout; patch 1 keeps (28, 28, 1) / (112, 112, 1).
     val = the last n // 12 train samples (MultiBench's 55000:60000); test = the test files.
 enrico (20 classes, in sorted topic order): ``enrico.screenshot``, ``enrico.wireframe`` images
-    (32, 16, 192). ``design_topics.csv`` (screen_id, topic), screenshots/<id>.jpg and
+    (16, 16, 384). ``design_topics.csv`` (screen_id, topic), screenshots/<id>.jpg and
     wireframes/<id>.png as RGB, resized to ``image_size`` (256, 128) (MultiBench's), /255, cut into
-    ``patch`` (8) patches. Screens 50105 and 50109 are dropped (broken wireframes; MultiBench too).
+    ``patch`` (16, 8) rectangles (M³SAT Table 14; ``patch=8``: sm4's earlier 8 x 8 squares, (32, 16, 192)). Screens 50105 and 50109 are dropped (broken wireframes; MultiBench too).
     Splits 65/15/20 from ``random.Random(42)``, screen for screen MultiBench's (whose test loaders
     read its train split by mistake; test here is the held-out 20 %). MultiBench samples ENRICO's
     train split class-balanced: the train split carries those weights (``sampling_weights``,
