@@ -56,12 +56,13 @@ push (regression, 32 outputs, MSE): ``push.gripper_pos`` sequence (16, 3), ``pus
     ``image`` (T, 32, 32), ``Cylinder0_pos`` (T, >=2), cut into ``seq_len`` (16) step subsequences
     at offsets 0 and 8 (as MultiBench). sensors = force + contact; control = the previous eef
     position, its change and contact (as MultiBench). The 16 frames become the image's features
-    (the model has no video kind); ``image_patch`` 1. Target: the object's (x, y) at each step,
+    (``image_layout="frames"``, Table 14's medium tokens); ``image_patch`` 1; ``"video"``: image
+    (16, 32, 32, 1), one token per pixel of every frame on 3 axes (Table 13's small tokens). Target: the object's (x, y) at each step,
     flattened. All but the image is standardised with MultiBench's published per-feature
     constants (``normalization="train"``: the train file's mean / std); images are fed unscaled
     as MultiBench does (``rescale_images=True``: uint8 / 255).
     train/val/test = the 1000/10/300-trajectory files.
-vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64), ``vt.force``
+vt (2 classes): ``vt.image`` image (128, 128, 3), ``vt.depth`` image (128, 128, 1), ``vt.force``
     sequence (6, 32), ``vt.proprio`` sequence (1, 8), ``vt.action`` (1, 4) (``layout="multibench"``,
     as MultiBench / HighMMT; ``"sm4"``: force (32, 6), proprio (8, 1), action (4, 1)). MultiBench's
     robotics episodes: ``image`` (T, H, W, 3) or (T, 3, W, H), ``depth_data`` (T, H, W[, 1]),
@@ -69,7 +70,8 @@ vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64
     (T, ...). Sample t < T - 1: image, depth, proprio[:8] and the last ``force_window`` (32) force
     readings (tanh, as MultiBench) at t, the action at t + 1; target: contact at t + 1
     (MultiBench's ``contact_next``). uint8 images fed as their 0-255 values, as MultiBench's
-    ToTensor (``rescale_images=True``: /255); ``image_patch`` / ``depth_patch`` 8.
+    ToTensor (``rescale_images=True``: /255); ``image_patch`` / ``depth_patch`` 1: pixel tokens
+    (Table 13; 8: sm4's earlier 8 x 8 patches, (16, 16, 192) / (16, 16, 64)).
     Episodes are split by file with a seeded permutation: val ``val_fraction`` (0.2), and each val
     episode brings its paired episode from train (MultiBench's ``augment_val``: same name prefix,
     ``<prefix><n>_1000.h5``; ``paired_val=False``: the drawn files alone); MultiBench and HighMMT
