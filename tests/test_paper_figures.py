@@ -66,3 +66,51 @@ def test_the_worked_examples(rows):
     # SM4 medium: the issue's 1-4 % (ENRICO 1.10, PUSH 2.33, AV-MNIST 0.41 G; 1.23 M)
     for task in ("enrico", "push", "avmnist"):
         assert abs(rows["medium", task, "SM4"]["gflops_diff"]) < 0.04
+
+
+# M³SAT Tables 13-15, per setting: latents, experts, lr, weight decay, cosine, balancing weight;
+# per task: head (inputs, outputs), batch, training and evaluation weights (Table 14's weight
+# rows carry four values for three tasks: the last three are the tasks'). V&T's head: Table 13
+# prints 320/1 beside a cross-entropy loss, which one logit cannot take; sm4's V&T has 2 classes
+# (cross-entropy over two logits is a sigmoid of their difference; 321 parameters more).
+TABLES = {
+    "small": ((20, 16, 5e-4, 0.0, False, 0.1),
+              {"push": ((256, 32), 28, 100.0, 100.0), "vt": ((320, 2), 64, 1.0, 1.0)}),
+    "medium": ((12, 32, 1e-3, 0.0, True, 0.05),
+               {"enrico": ((128, 20), 32, 10.0, 10.0), "push": ((256, 32), 32, 10.0, 10.0),
+                "avmnist": ((128, 10), 32, 0.8, 1.0)}),
+    "large": ((12, 16, 8e-4, 1e-3, False, 0.1),
+              {"urfunny": ((192, 2), 32, 0.2, 1.0), "mosei": ((192, 2), 32, 1.0, 1.0), "mimic": ((128, 2), 20, 1.2, 1.0),
+               "avmnist": ((128, 10), 40, 0.9, 1.0)}),
+}
+# Table 15: 3 Fourier bands for the affect modalities and MIMIC's time series, 6 elsewhere.
+THREE_BANDS = {"mosei.vision", "mosei.audio", "urfunny.vision", "urfunny.audio", "affect.text", "mimic.timeseries"}
+
+
+@pytest.mark.parametrize("setting", sorted(TABLES))
+def test_the_settings_are_the_papers_tables(setting):
+    import torch
+
+    from sm4.model import get_setting
+    from sm4.report import sm4_model
+    from sm4.training import schedule
+
+    (latents, experts, lr, decay, cosine, balance), tasks = TABLES[setting]
+    published = get_setting(setting)
+    model, train = published.model, published.train
+    assert (model.latent_tokens, model.num_experts, model.top_k, model.depth, model.width, model.heads) == (latents, experts, 2, 1, 64, 8)
+    assert (model.cross_heads, model.cross_head_dim, model.latent_heads, model.latent_head_dim) == (1, 64, 8, 64)
+    assert (train.lr, train.weight_decay, train.cosine, model.balance_loss_weight, train.epochs) == (lr, decay, cosine, balance, 100)
+    assert (model.encoder_ff, model.head_pool, model.token_layout, model.max_freq) == ("geglu", "mean", "packed", 1.0)
+    assert train.epoch_schedule == "once"
+    built, _ = sm4_model(setting, next(iter(tasks)), None, "setting")
+    assert set(built.tasks) == set(tasks)
+    for task, (head, batch, train_weight, eval_weight) in tasks.items():
+        linear = next(m for m in built.heads[task] if isinstance(m, torch.nn.Linear))
+        assert (linear.in_features, linear.out_features) == head, task
+        assert schedule.task_batch_size(train, task) == batch
+        assert (schedule.task_train_weight(train, task, -1), schedule.task_eval_weight(train, task, -1)) == (train_weight, eval_weight)
+    assert all(bands == (3 if name in THREE_BANDS else 6) for name, bands in built.tokenizer.bands.items())
+    # GEGLU encoder feed-forward: Linear(64 -> 512) -> GEGLU -> Linear(256 -> 64)
+    ff = built.encoder.ff1
+    assert [(m.in_features, m.out_features) for m in ff if isinstance(m, torch.nn.Linear)] == [(64, 512), (256, 64)]
