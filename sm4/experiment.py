@@ -155,8 +155,8 @@ def data_source(spec: str | None, tasks: list[str] | None) -> dict:
     return {"data": spec, "tasks": list(tasks) if tasks else None}
 
 
-def load_data(source: dict):
-    """The MultiTaskData a data_source names."""
+def load_data(source: dict, setting: str | None = None):
+    """The MultiTaskData a data_source names (MultiBench tokenised as ``setting`` needs it)."""
     spec, tasks = source["data"], source.get("tasks")
     if spec.startswith("multibench:"):
         from .data import load_multibench
@@ -165,7 +165,7 @@ def load_data(source: dict):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"MultiBench root {root!r} not found: {MULTIBENCH_DOWNLOAD}")
         try:
-            return load_multibench(root, tasks=tasks)
+            return load_multibench(root, tasks=tasks, setting=setting)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{error}; {MULTIBENCH_DOWNLOAD}") from error
     from .data import load_bundled
@@ -198,7 +198,7 @@ def run_train(args) -> int:
     lead = distributed.rank() == 0
     setting = _setting_from_args(args)
     source = data_source(args.data, args.tasks)
-    data = load_data(source)
+    data = load_data(source, setting.name)
     if lead:
         if setting.model.dense:
             print(DENSE_NOTE)
@@ -251,7 +251,7 @@ def run_eval(args) -> int:
             source = json.load(handle)  # the data the run was trained on
     else:
         source = data_source(args.data, args.tasks)
-    data = load_data(source)
+    data = load_data(source, setting.name)
     trainer = Trainer(build_model(setting, data), data, setting.train, run_dir, progress=False)
     trainer.load_checkpoint(args.checkpoint)
     results = trainer.evaluate(args.split)

@@ -15,7 +15,8 @@ tokenisation (M³SAT Tables 13-15) and a HighMMT-shaped model with HighMMT's (pi
 - **sm4**: FLOPs (a multiply-add = 2) of one sample with torch's flop counter, attention included.
 
 Every row carries the paper's figure (Table 8) and the relative difference. What reproducing the
-figures showed about how they were counted (``COUNTING`` holds it per row):
+figures showed about how they were counted (``SM4_TOKEN_WIDTH``, ``COUNT_BATCH``,
+``HIGHMMT_COUNT_BATCH``, ``HIGHMMT_SHAPES``):
 
 - SM4's token width is the setting's (one width for all its modalities: medium PUSH 418, not its
   own 46) in the small and medium settings; the large setting's FLOP figures come back only with
@@ -25,13 +26,19 @@ figures showed about how they were counted (``COUNTING`` holds it per row):
   and AV-MNIST's too (one-hot width 13: token width 58).
 - Small PUSH (SM4 and HighMMT) was counted at HighMMT's PUSH loader batch, 18, not Table 13's 28.
 - HighMMT's small model's two cross-modal blocks are not weight-tied; the large one has 20 latents, 6 heads, one block.
+- HighMMT's medium figures were counted with AV-MNIST as HighMMT's large scripts load it
+  (MultiBench's loader with ``to4by4``: 4x4 / 16x16 patches, its default batch 40), ENRICO and
+  PUSH as its medium script does (pixels / steps): the AV-MNIST audio patches set the medium
+  model's token width to 290 (256 + 26 + 8), which brings ENRICO from 10.6 to 79.1 (79.48) and
+  AV-MNIST to 0.94 (0.95); with the medium script's own AV-MNIST pixels (width 37) they are 7.5x
+  and 2.8x off.
 
-Not reproducible (the rows say so): HighMMT medium ENRICO (79.48) and PUSH (21.60), 3-8x above
-what HighMMT's released medium script's shapes give, and its medium AV-MNIST 0.95, which is the
-large script's figure; SM4 large UR-FUNNY (0.38: 20 + 20 + 50 tokens of the task's width give
-0.49); the small setting's SM4 parameters (0.27 / 0.25 M: Table 13's 16 experts of H = 128 alone
-hold 0.47 M) and HighMMT's medium parameters (0.58 / 0.63 / 0.52 M differ per task by more than
-the heads do).
+Not reproducible (``NOT_REPRODUCIBLE`` gives each row's reason, the table prints it): HighMMT
+medium PUSH FLOPs (+6.6 % with the width that reproduces ENRICO and AV-MNIST); SM4 large
+UR-FUNNY FLOPs (0.38: 20 + 20 + 50 tokens of the task's width give 0.49); the small setting's
+SM4 parameters (0.27 / 0.25 M: the model without its expert layer holds 0.257 / 0.249 M, with it
+0.73 M); HighMMT small PUSH (-2.5 %) and medium PUSH / AV-MNIST parameters (the per-task counts
+differ by more than the heads do).
 """
 
 import json
@@ -73,8 +80,11 @@ HIGHMMT_SHAPES = {
                "vt.depth": ("image", (128, 128, 1)), "vt.action": ("sequence", (1, 4))},
               {"push": (("push.gripper_pos", "push.gripper_sensors", "push.image", "push.control"), 32),
                "vt": (("vt.image", "vt.force", "vt.proprio", "vt.depth", "vt.action"), 1)}),
+    # Medium: ENRICO and PUSH as HighMMT's medium script loads them (pixels / steps of one channel),
+    # AV-MNIST as its large scripts and MultiBench's loader with to4by4 do (4x4 / 16x16 patches):
+    # the papers' medium HighMMT figures come back only so (that sets the width, 290; module docstring).
     "medium": ({"enrico.screenshot": ("image", (256, 128, 3)), "enrico.wireframe": ("image", (256, 128, 3)),
-                "avmnist.image": ("image", (28, 28, 1)), "avmnist.audio": ("sequence", (112 * 112, 1)),
+                **_HIGHMMT_AVMNIST,
                 "push.gripper_pos": ("sequence", (48, 1)), "push.gripper_sensors": ("sequence", (112, 1)),
                 "push.image": ("image", (16 * 32, 32, 1)), "push.control": ("sequence", (112, 1))},
                {"enrico": (("enrico.screenshot", "enrico.wireframe"), 20),
@@ -105,21 +115,28 @@ PAPER_FIGURES = {
 # How the papers' figures were counted, found by reproducing them (see the module docstring).
 SM4_TOKEN_WIDTH = {"small": "setting", "medium": "setting", "large": "task"}
 COUNT_BATCH = {("small", "push"): 18}
+# HighMMT's medium AV-MNIST: MultiBench's AV-MNIST loader's default batch (40; the large scripts
+# call it without one), the loader that gives its patches.
+HIGHMMT_COUNT_BATCH = {("medium", "avmnist"): 40}
 # The small setting's SM4 figures come back with HighMMT's 13 declared modalities (one-hot 13,
 # token width 58): M³SAT's small model kept HighMMT's modality list (with 9, its own: V&T -4.7 %).
 SM4_EXTRA_MODALITIES = {"small": {name: spec for name, spec in HIGHMMT_SHAPES["small"][0].items()
                                   if name.startswith("unused.")}}  # else the setting's per-task batch size
+_NO_EXPERTS = ("the model without its SM4 layer (16 experts of attention and FFN and their routers, "
+               "0.473 M) holds 0.257 M for PUSH and 0.249 M for V&T (-4.9 % / -0.3 %): a count that left the "
+               "expert layer out, not this model's 0.73 M")
 NOT_REPRODUCIBLE = {
-    ("medium", "enrico", "HighMMT", "gflops"): "HighMMT's medium script's pixel tokens give 10.6",
-    ("medium", "push", "HighMMT", "gflops"): "HighMMT's medium script's shapes give 5.6",
-    ("medium", "avmnist", "HighMMT", "gflops"): "the large script's figure (0.95) reused; medium's pixels give 2.7",
-    ("large", "urfunny", "SM4", "gflops"): "20 + 20 + 50 tokens of the task's width give 0.49",
-    ("small", "push", "SM4", "params"): "Table 13's 16 experts alone hold 0.47 M",
-    ("small", "vt", "SM4", "params"): "Table 13's 16 experts alone hold 0.47 M",
+    ("medium", "push", "HighMMT", "gflops"): ("23.03 (+6.6 %) with the width (290) and shapes that reproduce medium ENRICO "
+                                              "and AV-MNIST; no released batch or shape gives 21.60 (batch 30 would)"),
+    ("large", "urfunny", "SM4", "gflops"): ("20 + 20 + 50 tokens of the task's width give 0.49 (text at 20 steps: 0.44); "
+                                            "no published width or batch gives 0.38"),
+    ("small", "push", "SM4", "params"): _NO_EXPERTS,
+    ("small", "vt", "SM4", "params"): _NO_EXPERTS,
     ("small", "push", "HighMMT", "params"): "0.868 M (-2.5 %): PUSH's and V&T's counts differ by 0.04 M, the heads by 0.02 M",
-    ("medium", "enrico", "HighMMT", "params"): "per-task counts differ by more than the heads",
-    ("medium", "push", "HighMMT", "params"): "per-task counts differ by more than the heads",
-    ("medium", "avmnist", "HighMMT", "params"): "per-task counts differ by more than the heads",
+    ("medium", "push", "HighMMT", "params"): ("0.601 M (-4.6 %): the per-task counts (0.58 / 0.63 / 0.52 M) differ by more "
+                                              "than the heads (the only per-task parameters) do"),
+    ("medium", "avmnist", "HighMMT", "params"): ("0.576 M (+10.8 %): the per-task counts (0.58 / 0.63 / 0.52 M) differ by "
+                                                 "more than the heads (the only per-task parameters) do"),
 }
 # Kept for callers of the earlier table: the medium figures.
 PAPER_GFLOPS = {task: {model: g for model, (_, g) in models.items()} for task, models in PAPER_FIGURES["medium"].items()}
@@ -137,9 +154,12 @@ def task_shapes(setting: str, task: str):
     return PAPER_SHAPES.get(setting, {}).get(task, MULTIBENCH_SHAPES[task])
 
 
-def count_batch(setting_name: str, task: str) -> int:
+def count_batch(setting_name: str, task: str, model: str = "SM4") -> int:
+    """The evaluation batch the papers' figure of (setting, task, model) was counted over."""
     from .model import get_setting
 
+    if model == "HighMMT" and (setting_name, task) in HIGHMMT_COUNT_BATCH:
+        return HIGHMMT_COUNT_BATCH[setting_name, task]
     train = get_setting(setting_name).train
     return COUNT_BATCH.get((setting_name, task), train.task_batch_size.get(task, train.batch_size))
 
@@ -208,8 +228,8 @@ def model_table(settings=("small", "medium", "large"), tasks=None, models=MODELS
         for task in setting_tasks(setting_name):
             if tasks and task not in tasks:
                 continue
-            batch = count_batch(setting_name, task)
             for label in models:
+                batch = count_batch(setting_name, task, label)
                 if label == "HighMMT":
                     if setting_name not in HIGHMMT_SHAPES:
                         continue

@@ -20,7 +20,7 @@ def data():
 @pytest.fixture
 def tiny(tmp_path, data, monkeypatch):
     """A tiny setting file, and --data bundled giving the small data."""
-    monkeypatch.setattr(experiment, "load_data", lambda source: data)
+    monkeypatch.setattr(experiment, "load_data", lambda source, setting=None: data)
     path = tmp_path / "tiny.json"
     tiny_setting(epochs=1).save(str(path))
     return str(path)
@@ -112,7 +112,7 @@ def test_multibench_trains_from_the_command_line(tmp_path, monkeypatch, data, ca
 
     calls = []
 
-    def fake_load_multibench(root, tasks=None):
+    def fake_load_multibench(root, tasks=None, setting=None):
         calls.append((root, tasks))
         return data
 

@@ -51,6 +51,15 @@ def test_load_multibench_options(root):
         load_multibench(root, tasks=["kinetics"])
 
 
+@needs_h5py
+def test_load_multibench_tokenises_as_the_setting_needs(root):
+    """The small setting's PUSH is pixel tokens on 3 axes (Table 13), the medium one 16 channels on
+    2 (Table 14); explicit options win over the setting's."""
+    kind = lambda **kw: load_multibench(root, tasks=["push"], **kw).modalities["push.image"].kind  # noqa: E731
+    assert kind(setting="small") == "video"
+    assert kind(setting="medium") == kind() == kind(setting="small", options={"push": {"image_layout": "frames"}}) == "image"
+
+
 def test_shared_text_must_agree(root, tmp_path):
     write_affect(tmp_path / "urfunny" / "humor.pkl", (371, 81, 200), binary=True)
     mosei = load_mosei(root / "mosei")

@@ -61,3 +61,28 @@ def test_push_fannypack_cache_names(root, tmp_path):
     for name in ("gentle_push_1000.hdf5", "gentle_push_10.hdf5", "gentle_push_300.hdf5"):
         shutil.copy(root / "push" / name, folder / f"1AbC-{name}")
     assert len(load_push(folder, image_patch=4).splits["push"]["val"]) == 4
+
+
+def test_push_constants_are_multibench_published_ones():
+    """MultiBench's gentle_push data loader subtracts / divides by these (its source, not train statistics)."""
+    from sm4.data.multibench import PUSH_MULTIBENCH_STATS
+
+    assert PUSH_MULTIBENCH_STATS["gripper_pos"] == ((0.46806443, -0.0017836, 0.88028437),
+                                                    (0.02410769, 0.02341035, 0.04018243))
+    assert PUSH_MULTIBENCH_STATS["gripper_sensors"][0][2] == -3.2791464 and len(PUSH_MULTIBENCH_STATS["control"][1]) == 7
+
+
+@needs_h5py
+def test_push_video_layout_is_the_small_settings_pixel_tokens(root):
+    """M³SAT Table 13 (small): PUSH's image as 1 channel on 3 axes (frame, row, column); the default
+    "frames" is Table 14's (medium) 16 channels on 2 axes. Same pixels either way."""
+    frames = load_push(root / "push")
+    video = load_push(root / "push", image_layout="video")
+    height, width, steps = frames.modalities["push.image"].shape
+    assert video.modalities["push.image"] == ModalitySpec("push.image", "video", (steps, height, width, 1))
+    a, b = frames.splits["push"]["test"][1][0]["push.image"], video.splits["push"]["test"][1][0]["push.image"]
+    np.testing.assert_array_equal(b.numpy()[..., 0], np.moveaxis(a.numpy(), -1, 0))
+    check_items(video.splits["push"]["train"], video.modalities, "regression")
+    for bad in ({"image_layout": "pixels"}, {"image_layout": "video", "image_patch": 4}):
+        with pytest.raises(ValueError, match="image_layout"):
+            load_push(root / "push", **bad)

@@ -11,7 +11,7 @@ from .multibench_fixtures import VT_STEPS, check_items, needs_h5py, root, write_
 
 @needs_h5py
 def test_vt(root):
-    data = load_vt(root / "vt")
+    data = load_vt(root / "vt", image_patch=8, depth_patch=8)
     assert data.modalities == {
         "vt.image": ModalitySpec("vt.image", "image", (2, 2, 192)),
         "vt.depth": ModalitySpec("vt.depth", "image", (2, 2, 64)),
@@ -125,3 +125,17 @@ def test_vt_val_episodes_bring_their_paired_episode_as_multibench(tmp_path):
 
 
 # ------------------------------------------------------------------------ all together, and the model
+
+
+@needs_h5py
+def test_vt_default_is_the_papers_pixel_tokens(root):
+    """M³SAT Table 13 (the small setting, V&T's only one): image 3 channels and depth 1 on 2 axes,
+    one token per pixel; force 6 tokens of 32, proprio and action one token of 8 / 4 channels."""
+    data = load_vt(root / "vt")
+    height, width = data.modalities["vt.image"].shape[:2]
+    assert data.modalities["vt.image"] == ModalitySpec("vt.image", "image", (height, width, 3))
+    assert data.modalities["vt.depth"] == ModalitySpec("vt.depth", "image", (height, width, 1))
+    assert [data.modalities[m].shape for m in ("vt.force", "vt.proprio", "vt.action")] == [(6, 32), (1, 8), (1, 4)]
+    patched = load_vt(root / "vt", image_patch=8, depth_patch=8)  # the earlier, cheaper choice
+    assert patched.modalities["vt.image"].shape == (height // 8, width // 8, 192)
+    check_items(data.splits["vt"]["val"], data.modalities, "classification")

@@ -103,7 +103,8 @@ _KINDS = {"sequence": 2, "image": 3, "tabular": 2}  # kind -> per-sample ndim
 @dataclass(frozen=True)
 class ModalitySpec:
     """One modality. ``kind`` is ``"sequence"`` (shape ``(L, F)``), ``"image"`` (``(H, W, F)``) or
-    ``"tabular"`` (``(F, 1)``: one token per feature); the last dim of ``shape`` is the feature
+    ``"tabular"`` (``(F, 1)``: one token per feature); the MultiBench loaders also give
+    ``"video"`` (``(T, H, W, F)``: PUSH's pixel tokens). The last dim of ``shape`` is the feature
     width."""
 
     name: str

@@ -125,8 +125,8 @@ class TrainConfig:
     grad_clip: float | None = None
     # Per task (MultiBench task names; absent tasks use batch_size / the TaskSpec's weights):
     # the papers' Tables 13-15. epoch_schedule "cycle": every step takes a batch of every task
-    # (smaller tasks cycle, sm4's earlier loop); "once": each sample once per epoch, tasks in
-    # HighMMT's order (see sm4.training.schedule).
+    # (smaller tasks cycle, sm4's earlier loop); "once": each sample once per epoch, in HighMMT's
+    # step order (a task with n batches takes the epoch's last n steps; see sm4.training.schedule).
     task_batch_size: dict = field(default_factory=dict)
     task_train_weight: dict = field(default_factory=dict)
     task_eval_weight: dict = field(default_factory=dict)

@@ -4,10 +4,15 @@ the per-task batch sizes and weights a TrainConfig gives.
 - "cycle" (sm4's earlier loop): every step takes one batch of every task; the epoch lasts as many
   steps as the largest task has batches, and smaller tasks start over (they are seen many times
   per epoch).
-- "once" (the papers' / HighMMT's loop): every sample once per epoch. Every step takes the next
-  batch of each task that still has one, tasks in the data's order (HighMMT's list order); the
-  epoch ends when every task is exhausted. HighMMT picks per-task batch sizes so that the tasks
-  have about as many batches (``TrainConfig.task_batch_size``, the papers' Tables 13-15).
+- "once" (the papers' / HighMMT's loop): every sample once per epoch, in as many steps as the
+  largest task has batches. HighMMT's ``train`` (train_structure_multitask.py) lists step c as the
+  c-th batch of every task that has one, then runs that list reversed: a task with n of the S
+  batches takes part in the last n steps, so every task is in the epoch's final steps and only
+  the largest ones in its first. Here too; within a step the tasks come in the data's order
+  (HighMMT's list order), and each task's batches in its loader's order (HighMMT reverses a
+  shuffled order, another draw of the same distribution, and holds the whole epoch's batches in
+  memory to do it; the loaders here are iterated). HighMMT picks per-task batch sizes so that the
+  tasks have about as many batches (``TrainConfig.task_batch_size``, the papers' Tables 13-15).
 """
 
 from collections.abc import Iterable, Iterator
@@ -25,13 +30,16 @@ def epoch_batches(loaders: dict[str, Iterable], schedule: str) -> Iterator[list[
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     iterators = {task: iter(loader) for task, loader in loaders.items()}
-    for _ in range(steps_per_epoch(loaders)):
+    steps = steps_per_epoch(loaders)
+    for index in range(steps):
         step = []
         for task, loader in loaders.items():
+            if schedule == "once" and index < steps - len(loader):  # joins for its last len(loader) steps
+                continue
             try:
                 step.append((task, next(iterators[task])))
             except StopIteration:
-                if schedule == "once":  # this task has had all its samples this epoch
+                if schedule == "once":  # a loader that yields fewer batches than its len()
                     continue
                 iterators[task] = iter(loader)
                 step.append((task, next(iterators[task])))

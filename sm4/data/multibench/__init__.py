@@ -43,9 +43,9 @@ avmnist (10 classes): ``avmnist.image`` image (7, 7, 16), ``avmnist.audio`` imag
     become the features: HighMMT's ``to4by4`` layout; patch 1 keeps (28, 28, 1) / (112, 112, 1).
     val = the last n // 12 train samples (MultiBench's 55000:60000); test = the test files.
 enrico (20 classes, in sorted topic order): ``enrico.screenshot``, ``enrico.wireframe`` images
-    (32, 16, 192). ``design_topics.csv`` (screen_id, topic), screenshots/<id>.jpg and
+    (16, 16, 384). ``design_topics.csv`` (screen_id, topic), screenshots/<id>.jpg and
     wireframes/<id>.png as RGB, resized to ``image_size`` (256, 128) (MultiBench's), /255, cut into
-    ``patch`` (8) patches. Screens 50105 and 50109 are dropped (broken wireframes; MultiBench too).
+    ``patch`` (16, 8) rectangles (M³SAT Table 14; ``patch=8``: sm4's earlier 8 x 8 squares, (32, 16, 192)). Screens 50105 and 50109 are dropped (broken wireframes; MultiBench too).
     Splits 65/15/20 from ``random.Random(42)``, screen for screen MultiBench's (whose test loaders
     read its train split by mistake; test here is the held-out 20 %). MultiBench samples ENRICO's
     train split class-balanced: the train split carries those weights (``sampling_weights``,
@@ -56,12 +56,13 @@ push (regression, 32 outputs, MSE): ``push.gripper_pos`` sequence (16, 3), ``pus
     ``image`` (T, 32, 32), ``Cylinder0_pos`` (T, >=2), cut into ``seq_len`` (16) step subsequences
     at offsets 0 and 8 (as MultiBench). sensors = force + contact; control = the previous eef
     position, its change and contact (as MultiBench). The 16 frames become the image's features
-    (the model has no video kind); ``image_patch`` 1. Target: the object's (x, y) at each step,
+    (``image_layout="frames"``, Table 14's medium tokens); ``image_patch`` 1; ``"video"``: image
+    (16, 32, 32, 1), one token per pixel of every frame on 3 axes (Table 13's small tokens). Target: the object's (x, y) at each step,
     flattened. All but the image is standardised with MultiBench's published per-feature
     constants (``normalization="train"``: the train file's mean / std); images are fed unscaled
     as MultiBench does (``rescale_images=True``: uint8 / 255).
     train/val/test = the 1000/10/300-trajectory files.
-vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64), ``vt.force``
+vt (2 classes): ``vt.image`` image (128, 128, 3), ``vt.depth`` image (128, 128, 1), ``vt.force``
     sequence (6, 32), ``vt.proprio`` sequence (1, 8), ``vt.action`` (1, 4) (``layout="multibench"``,
     as MultiBench / HighMMT; ``"sm4"``: force (32, 6), proprio (8, 1), action (4, 1)). MultiBench's
     robotics episodes: ``image`` (T, H, W, 3) or (T, 3, W, H), ``depth_data`` (T, H, W[, 1]),
@@ -69,7 +70,8 @@ vt (2 classes): ``vt.image`` image (16, 16, 192), ``vt.depth`` image (16, 16, 64
     (T, ...). Sample t < T - 1: image, depth, proprio[:8] and the last ``force_window`` (32) force
     readings (tanh, as MultiBench) at t, the action at t + 1; target: contact at t + 1
     (MultiBench's ``contact_next``). uint8 images fed as their 0-255 values, as MultiBench's
-    ToTensor (``rescale_images=True``: /255); ``image_patch`` / ``depth_patch`` 8.
+    ToTensor (``rescale_images=True``: /255); ``image_patch`` / ``depth_patch`` 1: pixel tokens
+    (Table 13; 8: sm4's earlier 8 x 8 patches, (16, 16, 192) / (16, 16, 64)).
     Episodes are split by file with a seeded permutation: val ``val_fraction`` (0.2), and each val
     episode brings its paired episode from train (MultiBench's ``augment_val``: same name prefix,
     ``<prefix><n>_1000.h5``; ``paired_val=False``: the drawn files alone); MultiBench and HighMMT
@@ -128,6 +130,7 @@ from .vandt import _vt_files, load_vt
 
 __all__ = [
     "PUSH_MULTIBENCH_STATS",
+    "SETTING_OPTIONS",
     "SHARED_TEXT",
     "TASKS",
     "URFUNNY_LENGTHS",
@@ -169,8 +172,14 @@ def _present(task: str, path: Path) -> bool:
     return any((path / name).is_file() for name in names)
 
 
+# The tokenisation a published setting needs where it differs from the loaders' defaults (M³SAT
+# Tables 13-15): the small setting feeds PUSH's frames as pixel tokens on 3 axes (Table 13), the
+# medium one as 16 channels on 2 (Table 14, the loader's default).
+SETTING_OPTIONS = {"small": {"push": {"image_layout": "video"}}}
+
+
 def load_multibench(root, tasks: list[str] | None = None, *, paths: dict | None = None,
-                    options: dict[str, dict] | None = None) -> MultiTaskData:
+                    options: dict[str, dict] | None = None, setting: str | None = None) -> MultiTaskData:
     """The chosen MultiBench tasks in one MultiTaskData.
 
     root: the folder holding one folder per task (see the module docstring); ``paths[task]``
@@ -178,13 +187,15 @@ def load_multibench(root, tasks: list[str] | None = None, *, paths: dict | None 
     with files under root; a requested task whose files are missing raises FileNotFoundError
     naming the expected path. options: keyword arguments per task for its loader, e.g.
     ``{"mimic": {"task_index": -1}, "avmnist": {"image_patch": 1}}``; ``train_weight`` and
-    ``eval_weight`` there set the TaskSpec weights.
+    ``eval_weight`` there set the TaskSpec weights. setting: a published setting's name (small,
+    medium, large) adds its tokenisation (``SETTING_OPTIONS``) under ``options``.
     """
     root = Path(root)
     if isinstance(tasks, str):
         tasks = [tasks]
     paths = {task: Path(p) for task, p in (paths or {}).items()}
-    options = dict(options or {})
+    options = {task: {**SETTING_OPTIONS.get(setting, {}).get(task, {}), **(options or {}).get(task, {})}
+               for task in set(options or {}) | set(SETTING_OPTIONS.get(setting, {}))}
     unknown = sorted((set(tasks or ()) | set(paths) | set(options)) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown MultiBench tasks {unknown}; known: {list(TASKS)}")

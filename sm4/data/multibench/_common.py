@@ -40,24 +40,43 @@ _H5_HINT = "pip install h5py"
 # ------------------------------------------------------------------------------------ helpers
 
 
-def patchify(image: np.ndarray, patch: int) -> np.ndarray:
-    """(H, W, F) -> (H/p, W/p, p*p*F): non-overlapping p x p patches, in the order of
-    ``sm4.model.tokenize.patchify`` (which does the work), so a model with ``patch_size=1`` sees
-    exactly what ``patch_size=p`` would make of the raw image."""
-    if patch == 1:
+def patchify(image: np.ndarray, patch) -> np.ndarray:
+    """(H, W, F) -> (H/ph, W/pw, ph*pw*F): non-overlapping patches of ``patch`` pixels (an int p:
+    p x p squares; a pair (ph, pw): rectangles of ph rows by pw columns, as M³SAT cuts ENRICO's
+    256 x 128 images into 16 x 8 ones). A patch's pixels are flattened row by row, in the order of
+    ``sm4.model.tokenize.patchify`` (which does the work for squares), so a model with
+    ``patch_size=1`` sees exactly what ``patch_size=p`` would make of the raw image."""
+    rows, cols = _patch_sides(patch)
+    if rows == cols == 1:
         return image
-    import torch
+    if rows == cols:
+        import torch
 
-    from ...model.tokenize import patchify as patch_tokens
+        from ...model.tokenize import patchify as patch_tokens
 
-    tokens, grid = patch_tokens(torch.from_numpy(np.ascontiguousarray(image))[None], patch)
-    return tokens[0].reshape(*grid, -1).numpy()
+        tokens, grid = patch_tokens(torch.from_numpy(np.ascontiguousarray(image))[None], rows)
+        return tokens[0].reshape(*grid, -1).numpy()
+    height, width, features = image.shape
+    cells = image.reshape(height // rows, rows, width // cols, cols, features).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(cells).reshape(height // rows, width // cols, rows * cols * features)
 
 
-def _check_patch(task: str, what: str, patch: int, height: int, width: int) -> None:
-    if not isinstance(patch, int) or patch < 1 or height % patch or width % patch:
-        raise ValueError(f"MultiBench {task}: {what} patch size {patch!r} must be a positive integer "
-                         f"dividing the {height}x{width} image")
+def _patch_sides(patch) -> tuple[int, int]:
+    """An int p or a pair (rows, cols) -> (rows, cols); anything else -> (0, 0) (refused by _check_patch)."""
+    if isinstance(patch, (tuple, list)) and len(patch) == 2:
+        sides = tuple(patch)
+    else:
+        sides = (patch, patch)
+    if not all(isinstance(side, int) and not isinstance(side, bool) for side in sides):
+        return 0, 0
+    return sides
+
+
+def _check_patch(task: str, what: str, patch, height: int, width: int) -> None:
+    rows, cols = _patch_sides(patch)
+    if rows < 1 or cols < 1 or height % rows or width % cols:
+        raise ValueError(f"MultiBench {task}: {what} patch size {patch!r} must be a positive integer or a pair "
+                         f"(rows, cols) of them dividing the {height}x{width} image")
 
 
 def _bad(task: str, path, field: str, what: str) -> ValueError:

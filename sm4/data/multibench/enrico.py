@@ -11,7 +11,7 @@ import torch
 
 from ..bundled import ModalitySpec, MultiTaskData, SPLITS
 from ._common import (ENRICO_CSV, ENRICO_FRACTIONS, ENRICO_IGNORED, ENRICO_SPLIT_SEED, MultiBenchDataset, _bad,
-                      _check_patch, _classification, _require_file, _single, class_balanced_weights, patchify)
+                      _check_patch, _classification, _patch_sides, _require_file, _single, class_balanced_weights, patchify)
 
 
 def _pil():
@@ -43,10 +43,18 @@ class _EnricoReader:
         return {"enrico.screenshot": self._image(screenshot), "enrico.wireframe": self._image(wireframe)}
 
 
-def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int = 8,
+ENRICO_PATCH = (16, 8)  # M³SAT Table 14: 16 x 8 rectangles, 384 channels, 2 x 256 tokens
+
+
+def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int | tuple[int, int] = ENRICO_PATCH,
                 balanced_train: bool = True) -> MultiTaskData:
     """ENRICO UI design topics from the ENRICO folder ``root`` (design_topics.csv, screenshots/,
     wireframes/). ``image_size`` (height, width) of both images before cutting into patches.
+    patch: (rows, cols) rectangles or an int for squares. Default the papers' (16, 8): each
+    256 x 128 image becomes 16 x 16 tokens of 384 features (M³SAT Table 14), the tokenisation
+    their FLOP figures were counted with. ``patch=8`` keeps sm4's earlier 8 x 8 squares (32 x 16
+    tokens of 192 features): twice the tokens at half the features, square cells on the screen,
+    which may suit UI layouts better, at twice the encoder's cross-attention tokens.
     balanced_train (default True): the train split carries MultiBench's class-balanced sampling
     weights (``MultiBenchDataset.sampling_weights`` / ``.sampler()``), which sm4's trainer draws
     with (``task_loader(..., own_sampler=True)``); a loop that samples uniformly ignores them."""
@@ -94,7 +102,8 @@ def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int = 
     train_split, val_split = ENRICO_FRACTIONS
     cut1, cut2 = int(n * train_split), int(n * (train_split + val_split))
     rows = {"train": keys[:cut1], "val": keys[cut1:cut2], "test": keys[cut2:]}
-    shape = (height // patch, width // patch, patch * patch * 3)
+    rows_per_patch, cols_per_patch = _patch_sides(patch)
+    shape = (height // rows_per_patch, width // cols_per_patch, rows_per_patch * cols_per_patch * 3)
     modalities = {name: ModalitySpec(name, "image", shape) for name in ("enrico.screenshot", "enrico.wireframe")}
     reader = _EnricoReader(files, (height, width), patch)
     splits = {split: MultiBenchDataset(task, modalities, reader, rows[split],
@@ -103,4 +112,5 @@ def load_enrico(root, *, image_size: tuple[int, int] = (256, 128), patch: int = 
     if balanced_train:  # MultiBench's ENRICO train loader: a class-balanced WeightedRandomSampler
         splits["train"].sampling_weights = class_balanced_weights(splits["train"].targets)
     return _single(_classification(task, modalities, len(topics)), modalities, splits,
-                   f"ENRICO design topics ({len(topics)}) from {str(root)!r}, images {height}x{width} in {patch}px patches")
+                   f"ENRICO design topics ({len(topics)}) from {str(root)!r}, images {height}x{width} "
+                   f"in {rows_per_patch}x{cols_per_patch} patches")

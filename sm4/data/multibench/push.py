@@ -44,9 +44,9 @@ def _h5_array(task: str, path, group, field: str, key: str, ndim: int, last: tup
 
 class _PushReader:
     def __init__(self, path: str, trajectories: list[dict], samples: np.ndarray, seq_len: int, patch: int,
-                 scale: float, files: _H5Files):
+                 scale: float, files: _H5Files, video: bool = False):
         self.path, self.trajectories, self.samples = path, trajectories, samples
-        self.seq_len, self.patch, self.scale, self.files = seq_len, patch, scale, files
+        self.seq_len, self.patch, self.scale, self.files, self.video = seq_len, patch, scale, files, video
 
     def __call__(self, row: int) -> dict:
         index, start = (int(v) for v in self.samples[row])
@@ -56,11 +56,14 @@ class _PushReader:
         where = f"{group}.image"
         frames = _h5_read("push", self.path, where,
                           lambda: np.asarray(self.files.get(self.path)[group]["image"][start:stop], dtype=np.float32))
-        image = np.moveaxis(frames * self.scale, 0, -1)  # (L, H, W) -> (H, W, L): frames as features
+        if self.video:  # (L, H, W) -> (L, H, W, 1): one token per pixel of every frame
+            image = (frames * self.scale)[..., None]
+        else:  # (L, H, W) -> (H, W, L): frames as features, then patches
+            image = patchify(np.moveaxis(frames * self.scale, 0, -1), self.patch)
         return {"push.gripper_pos": trajectory["gripper_pos"][start:stop],
                 "push.gripper_sensors": trajectory["gripper_sensors"][start:stop],
                 "push.control": trajectory["control"][start:stop],
-                "push.image": patchify(image, self.patch)}
+                "push.image": image}
 
 
 def _read_push(task: str, path: Path) -> tuple[list[dict], tuple[int, int], bool]:
@@ -125,15 +128,27 @@ PUSH_MULTIBENCH_STATS = {
 
 
 def load_push(root, *, seq_len: int = 16, image_patch: int = 1, normalization: str = "multibench",
-              rescale_images: bool = False) -> MultiTaskData:
+              rescale_images: bool = False, image_layout: str = "frames") -> MultiTaskData:
     """Gentle Push from the folder ``root`` holding MultiBench's gentle_push_{1000,10,300}.hdf5
     (train/val/test). Needs h5py. Regression of the object's (x, y) over ``seq_len`` steps.
 
     normalization: "multibench" (default: MultiBench's published constants,
     ``PUSH_MULTIBENCH_STATS``) or "train" (the train file's per-feature mean / std: sm4's earlier
     choice, right for data other than MultiBench's). rescale_images: divide uint8 images by 255
-    (MultiBench feeds them unscaled; default False)."""
+    (MultiBench feeds them unscaled; default False).
+
+    image_layout: how the ``seq_len`` camera frames become tokens. "frames" (default; the medium
+    setting's, M³SAT Table 14: 16 channels on 2 axes): an image (H, W, seq_len) whose features at a
+    pixel are its frames, cut into ``image_patch`` patches (1024 tokens of 16). "video" (the small
+    setting's, Table 13: 1 channel on 3 axes, as HighMMT feeds PUSH): a video (seq_len, H, W, 1),
+    one token per pixel of every frame (16384 tokens: 16x the encoder's cross-attention input),
+    ``image_patch`` 1."""
     task, root = "push", Path(root)
+    if image_layout not in ("frames", "video"):
+        raise ValueError(f"MultiBench {task}: image_layout must be 'frames' or 'video', got {image_layout!r}")
+    if image_layout == "video" and image_patch != 1:
+        raise ValueError(f"MultiBench {task}: image_layout 'video' has one token per pixel: image_patch must be 1, "
+                         f"got {image_patch!r}")
     if normalization not in ("multibench", "train"):
         raise ValueError(f"MultiBench {task}: normalization must be 'multibench' or 'train', got {normalization!r}")
     paths = {}
@@ -166,6 +181,8 @@ def load_push(root, *, seq_len: int = 16, image_patch: int = 1, normalization: s
         "push.image": ModalitySpec("push.image", "image", (height // image_patch, width // image_patch,
                                                              image_patch * image_patch * seq_len)),
     }
+    if image_layout == "video":
+        modalities["push.image"] = ModalitySpec("push.image", "video", (seq_len, height, width, 1))
     files = _H5Files(task)
     splits = {}
     for split in SPLITS:
@@ -183,7 +200,7 @@ def load_push(root, *, seq_len: int = 16, image_patch: int = 1, normalization: s
         for trajectory in trajectories:
             del trajectory["states"]
         reader = _PushReader(str(paths[split]), trajectories, samples, seq_len, image_patch,
-                             1 / 255 if uint8 and rescale_images else 1.0, files)
+                             1 / 255 if uint8 and rescale_images else 1.0, files, image_layout == "video")
         splits[split] = MultiBenchDataset(task, modalities, reader, np.arange(len(samples)), targets, paths[split])
     spec = TaskSpec(task, tuple(modalities), "regression", seq_len * 2, "mse")
     return _single(spec, modalities, splits, f"Gentle Push object position over {seq_len} steps from {str(root)!r}")

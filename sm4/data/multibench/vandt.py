@@ -130,7 +130,7 @@ def _paired_val(names: list[str], val: list[int], train: list[int]) -> tuple[lis
     return pairs + [i for i in val if i not in pairs], train_left
 
 
-def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: int = 32, val_fraction: float = 0.2,
+def load_vt(root, *, image_patch: int = 1, depth_patch: int = 1, force_window: int = 32, val_fraction: float = 0.2,
             test_fraction: float = 0.0, seed: int = 0, layout: str = "multibench",
             paired_val: bool = True, rescale_images: bool = False) -> MultiTaskData:
     """Vision & touch (MultiBench robotics) from a folder of episode .h5 files. Needs h5py. Predicts
@@ -143,7 +143,10 @@ def load_vt(root, *, image_patch: int = 8, depth_patch: int = 8, force_window: i
     see ``_paired_val``) from train into val, so val holds more than ``val_fraction`` of the
     files; False: val is the seeded ``val_fraction`` draw alone (the earlier split).
     rescale_images: divide uint8 camera images by 255 (sm4's earlier choice); default False, as
-    MultiBench's ToTensor, which only casts them to float."""
+    MultiBench's ToTensor, which only casts them to float. image_patch / depth_patch: default 1,
+    pixel tokens (M³SAT Table 13: image 3 channels and depth 1 on 2 axes, 128 x 128 tokens each,
+    as HighMMT feeds them); 8 (sm4's earlier default) cuts 8 x 8 patches, 64x fewer tokens for the
+    encoder's cross-attention, the affordable choice on a CPU."""
     task, root = "vt", Path(root)
     if layout not in ("multibench", "sm4"):
         raise ValueError(f"MultiBench {task}: layout must be 'multibench' or 'sm4', got {layout!r}")
