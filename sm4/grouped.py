@@ -48,7 +48,8 @@ def _sum_token_rows(rows: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def make_layers(kernels: GroupedKernels):
-    """(expert_linear_rows, expert_ffn_rows): the differentiable grouped layers of one backend.
+    """(expert_linear_rows, expert_ffn_rows, expert_linear_combined): the differentiable grouped
+    layers of one backend (the last is the fused linear layer with its combine, one autograd node).
 
     Both take ``x`` and the GEMM index pair: ``gather`` (M,) reads row gather[i] of x for sorted
     row i, ``scatter`` (M,) writes its output to row scatter[i] of a (num_out_rows, out) result.
@@ -89,6 +90,57 @@ def make_layers(kernels: GroupedKernels):
                                                      compute_bias=want_bias)
                 grad_bias = grad_bias if want_bias else None
             return grad_x, grad_weight, grad_bias, None, None, None, None
+
+    def linear_combine_forward(x, weight, bias, gates, offsets, gather, scatter):
+        """(token-order expert rows (M, out), their gated combine (M / k, out)); see ExpertLinearCombine."""
+        rows, _ = grouped_mm(x, weight, bias, offsets, gather_index=gather, scatter_index=scatter,
+                             num_out_rows=scatter.shape[0])
+        return rows, combine(rows, gates)
+
+    class ExpertLinearCombine(torch.autograd.Function):
+        """The fused linear expert layer and its combine as one autograd node (moe_linear, moe_qkv).
+
+        forward: rows = grouped GEMM of x's gathered rows, scattered to token order (M = T' * k rows,
+        T' = gates.shape[0]); y = combine(rows, gates) (T', out). As two nodes (ExpertLinear, then
+        combine's multiply / addcmul on row slices) the backward ran a dozen small autograd nodes:
+        select/slice backwards that each zero-fill a (T, k, out) buffer, per-rank multiplies, and
+        the gradient accumulation into rows. Here it is one pass each:
+            grad_rows (M, out) = gates (T', k, 1) * grad_y (T', 1, out), made once and read by both
+                the input-gradient GEMM and the weight gradient (the "gathered dY" of both);
+            grad_gates (T', k) = row dot products <rows, grad_y> (the forward's rows are saved);
+            grad_x, grad_weight, grad_bias as ExpertLinear's backward.
+        Inactive ranks have zero rows and zero gates, so their gradients are exactly zero.
+        """
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, gates, offsets, gather, scatter):
+            rows, y = linear_combine_forward(x, weight, bias, gates, offsets, gather, scatter)
+            ctx.save_for_backward(x, weight, gates, offsets, gather, scatter, rows if ctx.needs_input_grad[3] else None)
+            ctx.has_bias = bias is not None
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            refuse_double_backward(f"sm4 expert_linear ({grouped_mm.__module__} kernels)")
+            x, weight, gates, offsets, gather, scatter, rows = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            tokens, k = gates.shape
+            out_features = grad_y.shape[1]
+            cdt = torch.promote_types(grad_y.dtype, torch.float32)
+            grad_c = grad_y.to(cdt)
+            grad_x = grad_weight = grad_bias = grad_gates = None
+            if need[3]:
+                grad_gates = (rows.view(tokens, k, out_features).to(cdt) * grad_c[:, None]).sum(-1).to(gates.dtype)
+            if need[0] or need[1] or need[2]:
+                grad_rows = (gates.to(cdt)[..., None] * grad_c[:, None]).to(x.dtype).view(tokens * k, out_features)
+                if need[0]:
+                    grad_x = input_grad(grad_rows, weight, offsets, scatter, x.shape[0], scatter)
+                if need[1] or need[2]:
+                    want_bias = ctx.has_bias and need[2]
+                    grad_weight, grad_bias = weight_grad(x, grad_rows, offsets, a_index=gather, grad_index=scatter,
+                                                         compute_bias=want_bias)
+                    grad_bias = grad_bias if want_bias else None
+            return grad_x, grad_weight, grad_bias, grad_gates, None, None, None
 
     class ExpertFFN(torch.autograd.Function):
         @staticmethod
@@ -134,7 +186,15 @@ def make_layers(kernels: GroupedKernels):
         return ExpertFFN.apply(x.contiguous(), _as(w1, x), _as(b1, x), _as(w2, x), _as(b2, x), offsets, gather, scatter,
                                rows, activation, recompute_hidden)
 
-    return expert_linear_rows, expert_ffn_rows
+    def expert_linear_combined(x, weight, bias, gates, offsets, gather, scatter):
+        """y (T', out) = combine(rows of the linear experts in token order, gates (T', k))."""
+        x, weight, bias = x.contiguous(), _as(weight, x), _as(bias, x)
+        gates = gates.contiguous()
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, gates))):
+            return linear_combine_forward(x, weight, bias, gates, offsets, gather, scatter)[1]  # no node to build
+        return ExpertLinearCombine.apply(x, weight, bias, gates, offsets, gather, scatter)
+
+    return expert_linear_rows, expert_ffn_rows, expert_linear_combined
 
 
 def _as(parameter, x):
@@ -167,7 +227,7 @@ def combine(token_rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 def make_backend_ops(kernels: GroupedKernels) -> dict:
     """The sm4.ops entry points (grouped_linear, grouped_ffn, expert_linear, expert_ffn) of a backend."""
-    expert_linear_rows, expert_ffn_rows = make_layers(kernels)
+    expert_linear_rows, expert_ffn_rows, expert_linear_combined = make_layers(kernels)
 
     def grouped_linear(x_sorted, weight, bias, expert_offsets):
         return expert_linear_rows(x_sorted, weight, bias, expert_offsets)
@@ -178,9 +238,9 @@ def make_backend_ops(kernels: GroupedKernels) -> dict:
     def expert_linear(x, weight, bias, gates, metadata: RoutingMetadata):
         # gates (T, k), or (T, G, k) for G routings over one x in one launch (the fused Q/K/V):
         # each token's rows are then G groups of k, combined group by group.
-        rows = expert_linear_rows(x, weight, bias, metadata.expert_offsets, metadata.sorted_token,
-                                  metadata.sorted_assignment, metadata.sorted_assignment.shape[0])
-        return combine(rows, gates.reshape(-1, gates.shape[-1])).view(*gates.shape[:-1], rows.shape[1])
+        y = expert_linear_combined(x, weight, bias, gates.reshape(-1, gates.shape[-1]), metadata.expert_offsets,
+                                   metadata.sorted_token, metadata.sorted_assignment)
+        return y.view(*gates.shape[:-1], y.shape[1])
 
     def expert_ffn(x, w1, b1, w2, b2, gates, metadata: RoutingMetadata, activation="gelu", recompute_hidden=False):
         rows = expert_ffn_rows(x, w1, b1, w2, b2, metadata.expert_offsets, activation, recompute_hidden,

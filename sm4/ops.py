@@ -60,7 +60,12 @@ def _check_gating(c: Checker, x, router_weight, k, token_k, noise_std, training,
     dim = "d" if x_name == "x" else "d_r"
     c.tensor(x_name, x, f"(T, {dim})", FLOAT_DTYPES)
     c.tensor("router_weight", router_weight, f"({dim}, E)", FLOAT_DTYPES)
-    num_experts = router_weight.shape[1]
+    _check_gating_options(c, router_weight.shape[1], k, token_k, noise_std, training, renormalize, generator, x.device)
+    c.tensor("noise", noise, "(T, E)", FLOAT_DTYPES, optional=True)
+
+
+def _check_gating_options(c: Checker, num_experts, k, token_k, noise_std, training, renormalize, generator, device):
+    """The gating arguments other than the tensors x, router_weight and noise."""
     if num_experts < 1:
         c.fail(ValueError, "router_weight must have at least one expert (E >= 1), got E = 0")
     c.integer("k", k, 1, num_experts, "E")
@@ -69,8 +74,7 @@ def _check_gating(c: Checker, x, router_weight, k, token_k, noise_std, training,
     for name, flag in (("training", training), ("renormalize", renormalize)):
         if not isinstance(flag, bool):
             c.fail(TypeError, f"{name} must be a bool, got {received(flag)}")
-    c.generator(generator, x.device)
-    c.tensor("noise", noise, "(T, E)", FLOAT_DTYPES, optional=True)
+    c.generator(generator, device)
 
 
 def topk_gating(
@@ -111,12 +115,44 @@ def topk_gating(
     """
     c = Checker("sm4.ops.topk_gating")
     _check_gating(c, x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise)
+    return _run_gating(x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise, backend)
+
+
+# ---- The unchecked halves of the ops ---------------------------------------------------------
+# Each public op is "check the arguments, then _run_<op>". The composites (moe_linear, moe_ffn,
+# moe_qkv, moe_attention) check everything once at entry and then call these directly: on a CPU
+# the sub-ops' checks (a Checker per op, the expert ids' min/max) cost tens of microseconds each,
+# and they could only re-prove what the composite's checks and the gating's output already imply.
+
+
+def _run_gating(x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise, backend):
+    """topk_gating on checked arguments."""
     sizes = {"T": x.shape[0], "d": x.shape[1], "E": router_weight.shape[1], "k": k}
     _, impl = dispatch.select("topk_gating", {"x": x, "router_weight": router_weight, "noise": noise}, backend, sizes)
     return impl(
         x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
         renormalize=renormalize, generator=generator, noise=noise,
     )
+
+
+def _run_metadata(expert_ids, num_experts, token_k, backend):
+    """routing_metadata on checked expert ids (e.g. topk_gating's, in [-1, E) by construction)."""
+    _, impl = dispatch.select("routing_metadata", (expert_ids,), backend, {"E": num_experts})
+    metadata = impl(_mask_ranks(expert_ids, token_k), num_experts)
+    trust_metadata(metadata)  # right by construction: the ops that take it need not check it again
+    return metadata
+
+
+def _run_expert_linear(x, weight, bias, gates, metadata, backend):
+    """expert_linear on checked arguments (gates may also be (T, G, k): G routings, see moe_qkv)."""
+    _, impl = dispatch.select("expert_linear", (x, weight, bias, gates, metadata.sorted_token), backend)
+    return impl(x, weight, bias, gates, metadata)
+
+
+def _run_expert_ffn(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden, backend):
+    """expert_ffn on checked arguments."""
+    _, impl = dispatch.select("expert_ffn", (x, w1, b1, w2, b2, gates, metadata.sorted_token), backend)
+    return impl(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden)
 
 
 def _check_expert_ids(c: Checker, expert_ids, num_experts):
@@ -168,10 +204,7 @@ def routing_metadata(
     c = Checker("sm4.ops.routing_metadata")
     _check_expert_ids(c, expert_ids, num_experts)
     c.per_token_k(token_k, expert_ids.shape[1])
-    _, impl = dispatch.select("routing_metadata", (expert_ids,), backend, {"E": num_experts})
-    metadata = impl(_mask_ranks(expert_ids, token_k), num_experts)
-    trust_metadata(metadata)  # right by construction: the ops that take it need not check it again
-    return metadata
+    return _run_metadata(expert_ids, num_experts, token_k, backend)
 
 
 def _check_expert_offsets(c: Checker, name: str, offsets):
@@ -319,8 +352,7 @@ def expert_linear(
     c = Checker("sm4.ops.expert_linear")
     _check_expert_inputs(c, x, gates, metadata, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
     check_metadata_values(c, metadata)
-    _, impl = dispatch.select("expert_linear", (x, weight, bias, gates, metadata.sorted_token), backend)
-    return impl(x, weight, bias, gates, metadata)
+    return _run_expert_linear(x, weight, bias, gates, metadata, backend)
 
 
 def expert_ffn(
@@ -349,8 +381,7 @@ def expert_ffn(
     c.choice("activation", activation, ACTIVATIONS)
     c.flag("recompute_hidden", recompute_hidden)
     check_metadata_values(c, metadata)
-    _, impl = dispatch.select("expert_ffn", (x, w1, b1, w2, b2, gates, metadata.sorted_token), backend)
-    return impl(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden)
+    return _run_expert_ffn(x, w1, b1, w2, b2, gates, metadata, activation, recompute_hidden, backend)
 
 
 def _check_router_input(c: Checker, x, router_input):
@@ -425,13 +456,18 @@ def moe_linear(
     c.tensor("weight", weight, "(E, d, out)", FLOAT_DTYPES)
     c.tensor("bias", bias, "(E, out)", FLOAT_DTYPES, optional=True)
     c.flag("fused", fused)
-    routing = topk_gating(
-        gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
-        renormalize=renormalize, generator=generator, noise=noise, backend=backend,
-    )
-    metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
+    return _run_moe_linear(x, gating_x, router_weight, weight, bias, k, token_k, noise_std, training, renormalize,
+                           generator, noise, fused, backend)
+
+
+def _run_moe_linear(x, gating_x, router_weight, weight, bias, k, token_k, noise_std, training, renormalize, generator,
+                    noise, fused, backend) -> MoEOutput:
+    """moe_linear on checked arguments (gating_x: what the router reads, x or router_input)."""
+    routing = _run_gating(gating_x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise, backend)
+    # The gating's ids already have the ranks past token_k set to -1.
+    metadata = _run_metadata(routing.expert_ids, router_weight.shape[1], None, backend)
     if fused:
-        return MoEOutput(expert_linear(x, weight, bias, routing.gates, metadata, backend=backend), routing)
+        return MoEOutput(_run_expert_linear(x, weight, bias, routing.gates, metadata, backend), routing)
     y_sorted = grouped_linear(permute(x, metadata, backend=backend), weight, bias, metadata.expert_offsets, backend=backend)
     return MoEOutput(unpermute(y_sorted, routing.gates, metadata, backend=backend), routing)
 
@@ -475,14 +511,10 @@ def moe_ffn(
     c.choice("activation", activation, ACTIVATIONS)
     c.flag("recompute_hidden", recompute_hidden)
     c.flag("fused", fused)
-    routing = topk_gating(
-        gating_x, router_weight, k, token_k=token_k, noise_std=noise_std, training=training,
-        renormalize=renormalize, generator=generator, noise=noise, backend=backend,
-    )
-    metadata = routing_metadata(routing.expert_ids, router_weight.shape[1], backend=backend)
+    routing = _run_gating(gating_x, router_weight, k, token_k, noise_std, training, renormalize, generator, noise, backend)
+    metadata = _run_metadata(routing.expert_ids, router_weight.shape[1], None, backend)
     if fused:
-        y = expert_ffn(x, w1, b1, w2, b2, routing.gates, metadata, activation, recompute_hidden=recompute_hidden,
-                       backend=backend)
+        y = _run_expert_ffn(x, w1, b1, w2, b2, routing.gates, metadata, activation, recompute_hidden, backend)
         return MoEOutput(y, routing)
     x_sorted = permute(x, metadata, backend=backend)
     y_sorted = grouped_ffn(x_sorted, w1, b1, w2, b2, metadata.expert_offsets, activation,
@@ -530,28 +562,27 @@ def moe_qkv(
     if weights.shape[0] != 3:
         c.fail(ValueError, f"weights must stack the q, k, v experts on dim 0 (3, E, d, C), got {tuple(weights.shape)}")
     num_experts = weights.shape[1]
+    _check_gating_options(c, num_experts, k, token_k, noise_std, training, renormalize, generator, x.device)
     gating_x = x if router_input is None else router_input
     routings = tuple(
-        topk_gating(gating_x, router, k, token_k=token_k, noise_std=noise_std, training=training,
-                    renormalize=renormalize, generator=generator, backend=backend)
+        _run_gating(gating_x, router, k, token_k, noise_std, training, renormalize, generator, None, backend)
         for router in routers
     )
     if not fused:
         outputs = []
         for g, routing in enumerate(routings):
-            metadata = routing_metadata(routing.expert_ids, num_experts, backend=backend)
-            outputs.append(expert_linear(x, weights[g], None if biases is None else biases[g], routing.gates, metadata,
-                                         backend=backend))
+            metadata = _run_metadata(routing.expert_ids, num_experts, None, backend)
+            outputs.append(_run_expert_linear(x, weights[g], None if biases is None else biases[g], routing.gates,
+                                              metadata, backend))
         return torch.stack(outputs, 1), routings
     # One routing over 3E experts: group g's ids shifted by g * E (-1 stays -1), ranks side by side.
     ids = torch.cat([torch.where(r.expert_ids >= 0, r.expert_ids + g * num_experts, -1) for g, r in enumerate(routings)], 1)
-    metadata = routing_metadata(ids, 3 * num_experts, backend=backend)
+    metadata = _run_metadata(ids, 3 * num_experts, None, backend)
     gates = torch.stack([r.gates for r in routings], 1)  # (T, 3, k)
     flat_weights = weights.reshape(3 * num_experts, *weights.shape[2:])
     flat_biases = None if biases is None else biases.reshape(3 * num_experts, biases.shape[2])
     # expert_linear's kernels combine (T, 3, k) gates group by group (its public check wants (T, k)).
-    _, impl = dispatch.select("expert_linear", (x, flat_weights, flat_biases, gates, metadata.sorted_token), backend)
-    return impl(x, flat_weights, flat_biases, gates, metadata), routings
+    return _run_expert_linear(x, flat_weights, flat_biases, gates, metadata, backend), routings
 
 
 def moe_attention(

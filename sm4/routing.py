@@ -9,6 +9,8 @@ backend sees the same noise), registers the autograd formula once for every back
 tiny finishing step (the two CV² terms) in PyTorch.
 """
 
+import math
+
 import torch
 
 from . import reference
@@ -78,15 +80,25 @@ def logits_grad_to_inputs(grad_logits, x, router_weight, gates, needs_input_grad
         grad_x = (grad_logits @ router_weight.to(acc).t()).to(x.dtype)
     if needs_input_grad[1]:
         x_acc = x.to(acc)
-        finite = ~torch.isnan(gates[:, :1])  # rank 0 is always active: NaN there marks a bad token
         # Copying x to zero bad rows costs as much as the GEMM; on plain CPU tensors, where reading
-        # the flag is free, skip the copy when every token is finite. GPU tensors (a read would be a
-        # host sync) and traced ones (fake / functional subclasses, no data) always mask.
-        eager_cpu = x.device.type == "cpu" and type(finite) is torch.Tensor and not torch.compiler.is_compiling()
-        if not eager_cpu or not bool(finite.all()):
+        # a value is free, skip the copy when every token is finite: gates lie in [0, 1] or are NaN,
+        # so their sum is NaN exactly when some token is bad (one reduction and a read, a third of
+        # the cost of isnan + all). GPU tensors (a read would be a host sync) and traced ones (fake /
+        # functional subclasses, no data) always mask.
+        eager_cpu = x.device.type == "cpu" and type(gates) is torch.Tensor and not torch.compiler.is_compiling()
+        if not eager_cpu or math.isnan(float(gates.sum())):
+            finite = ~torch.isnan(gates[:, :1])  # rank 0 is always active: NaN there marks a bad token
             x_acc = torch.where(finite, x_acc, 0.0)
         grad_weight = (x_acc.t() @ grad_logits).to(router_weight.dtype)
     return grad_x, grad_weight
+
+
+def _cv_terms(importance: torch.Tensor, load: torch.Tensor):
+    """values (2, E) = the stack, their means (2,), mean^2 + eps (2,) and CV^2 (2,)."""
+    values = torch.stack((importance, load))
+    var, mean = torch.var_mean(values, dim=1, correction=1)
+    denominator = mean.square().add_(reference.CV_EPS)
+    return values, mean, denominator, var / denominator
 
 
 class BalanceTerms(torch.autograd.Function):
@@ -101,10 +113,7 @@ class BalanceTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, importance, load):
-        values = torch.stack((importance, load))
-        var, mean = torch.var_mean(values, dim=1, correction=1)
-        denominator = mean * mean + reference.CV_EPS
-        cv = var / denominator
+        values, mean, denominator, cv = _cv_terms(importance, load)
         ctx.save_for_backward(values, mean, denominator, cv)
         return cv[0], cv[1]
 
@@ -120,10 +129,25 @@ class BalanceTerms(torch.autograd.Function):
 
 
 def balance_terms(importance: torch.Tensor, load: torch.Tensor):
-    """(CV^2(importance), CV^2(load)); see BalanceTerms. E = 1 is trivially balanced (zeros)."""
+    """(CV^2(importance), CV^2(load)); see BalanceTerms. E = 1 is trivially balanced (zeros).
+
+    When no gradient is wanted (inference, no_grad, frozen router) the same values are computed
+    without the autograd.Function: its apply, context and saved tensors cost as much as the few
+    ops themselves on a CPU.
+    """
     if importance.shape[0] < 2:
         return reference.cv_squared(importance), reference.cv_squared(load)
+    if not (torch.is_grad_enabled() and (importance.requires_grad or load.requires_grad)):
+        cv = _cv_terms(importance, load)[3]
+        return cv[0], cv[1]
     return BalanceTerms.apply(importance, load)
+
+
+def _needs_graph(x: torch.Tensor, router_weight: torch.Tensor) -> bool:
+    """Whether the gating must go through autograd: grad mode on and an input that wants a
+    gradient, or a torch.compile trace (which keeps the plain dispatch path)."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or router_weight.requires_grad)
+    return wants_grad or torch.compiler.is_compiling()
 
 
 def make_topk_gating(forward_op):
@@ -136,9 +160,14 @@ def make_topk_gating(forward_op):
             noise = reference.router_noise(x.shape[0], experts, x.device, generator)
         if sigma == 0:
             noise = None
-        gates, ids, entropy, importance, load, counts, _runner_up, _logits = forward_op(
-            x, router_weight, noise, token_k, k, float(sigma), renormalize
-        )
+        args = (x, router_weight, noise, token_k, k, float(sigma), renormalize)
+        if _needs_graph(x, router_weight):
+            gates, ids, entropy, importance, load, counts, _runner_up, _logits = forward_op(*args)
+        else:
+            # No gradient will flow: call the kernel below the autograd key, skipping the autograd
+            # wrapper that register_autograd puts around it (an autograd.Function apply per call).
+            with torch._C._AutoDispatchBelowAutograd():
+                gates, ids, entropy, importance, load, counts, _runner_up, _logits = forward_op(*args)
         importance_loss, load_loss = balance_terms(importance, load)
         return RoutingResult(
             expert_ids=ids,
