@@ -91,6 +91,20 @@ TORCH_LIBRARY(sm4, m) {
   m.def(
       "grouped_weight_grad(Tensor a, Tensor grad, Tensor expert_offsets, Tensor? a_index, Tensor? grad_index, "
       "bool compute_bias) -> (Tensor grad_weight, Tensor grad_bias)");
+  // Fused fp32 backward of the FFN experts out = act(a @ W1 + b1) @ W2 + b2 (sm4/grouped.py
+  // ExpertFFN; the truth is autograd of two reference grouped_mm calls). Sorted row i of M =
+  // preact.size(0) belongs to expert e when expert_offsets[e] <= i < expert_offsets[e + 1] (rows
+  // >= expert_offsets[E] are inactive and contribute nothing); it reads x[gather_index[i] or i] and
+  // its output gradient grad_out[scatter_index[i] or i]. preact (M, h) is the saved pre-activation;
+  // activation 1 exact GELU, 2 GELU tanh. x (T, d_in), w1 (E, d_in, h), w2 (E, h, d_out), grad_out
+  // (R, d_out), all float32. Returns grad_x (T, d_in) (each x row the sum over the sorted rows that
+  // read it, zero for rows none reads; (0, d_in) unless compute_grad_x), grad_w1 (E, d_in, h),
+  // grad_b1 (E, h) (or (0, h) unless compute_bias1), grad_w2 (E, h, d_out), grad_b2 (E, d_out) (or
+  // (0, d_out)); empty experts get zeros. Deterministic, independent of the thread count.
+  m.def(
+      "grouped_ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor preact, Tensor expert_offsets, "
+      "Tensor? gather_index, Tensor? scatter_index, int activation, bool compute_grad_x, bool compute_bias1, "
+      "bool compute_bias2) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
   m.def(
       "topk_gating_backward(Tensor grad_gates, Tensor grad_importance, Tensor grad_load, Tensor logits, "
       "Tensor? noise, Tensor expert_ids, Tensor runner_up, float sigma, bool renormalize) -> Tensor grad_logits");

@@ -21,6 +21,7 @@ more grouped GEMM in the backward: that trades 1/3 more backward FLOPs of the fi
 N * h elements of activation memory (at T = 16384, k = 2, h = 14336 in bf16: 0.9 GiB per layer).
 """
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -31,11 +32,24 @@ from .reference import ACTIVATION_CODES
 from .types import RoutingMetadata
 
 
+# The fused FFN backward (one pass per expert tile for dH, GELU', dW2/db2, dW1/db1 and dX; the
+# cpu backend's sm4::grouped_ffn_backward) where the backend has one for the tensors at hand; on
+# by default, off with SM4_FUSED_FFN_BACKWARD=0 or by setting this flag (read at each backward).
+FUSED_FFN_BACKWARD = os.environ.get("SM4_FUSED_FFN_BACKWARD", "1") != "0"
+
+
 class GroupedKernels(NamedTuple):
-    """A backend's grouped-GEMM primitives, with sm4.reference.grouped_mm's signatures."""
+    """A backend's grouped-GEMM primitives, with sm4.reference.grouped_mm's signatures.
+
+    ffn_backward (optional): ``(grad_out, x, w1, w2, preact, offsets, gather, scatter, activation,
+    compute_grad_x, compute_bias1, compute_bias2) -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)``,
+    the whole FFN-expert backward in one op, or None when it has no kernel for these tensors
+    (device, dtype): the layers then take the layered backward.
+    """
 
     grouped_mm: object
     grouped_weight_grad: object
+    ffn_backward: object = None
 
 
 def _sum_token_rows(rows: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -56,7 +70,7 @@ def make_layers(kernels: GroupedKernels):
     None/None is the unfused layer over x_sorted. In the fused layer gather = scatter // k (the
     token of each assignment), which the backward relies on to sum a token's k input gradients.
     """
-    grouped_mm, weight_grad = kernels
+    grouped_mm, weight_grad, ffn_backward = kernels
 
     def input_grad(grad_rows, weight, offsets, scatter, tokens, read_index):
         """dA of ``a @ W``: grad rows (read through read_index) times W^T, back to a's rows."""
@@ -162,10 +176,20 @@ def make_layers(kernels: GroupedKernels):
             grad_out = grad_out.contiguous()
             if pre is None:  # recompute_hidden: one more GEMM instead of keeping N x h elements
                 pre = grouped_mm(x, w1, b1, offsets, gather_index=gather)[0]
+            need = ctx.needs_input_grad
+            fused = None
+            if FUSED_FFN_BACKWARD and ffn_backward is not None and ctx.activation in ("gelu", "gelu_tanh"):
+                fused = ffn_backward(grad_out, x, w1, w2, pre, offsets, gather, scatter,
+                                     ACTIVATION_CODES[ctx.activation], need[0], ctx.has_bias[0] and need[2],
+                                     ctx.has_bias[1] and need[4])
+            if fused is not None:
+                grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = fused
+                return (grad_x if need[0] else None, grad_w1 if need[1] else None,
+                        grad_b1 if ctx.has_bias[0] and need[2] else None, grad_w2 if need[3] else None,
+                        grad_b2 if ctx.has_bias[1] and need[4] else None, None, None, None, None, None, None)
             approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
             hidden = F.gelu(pre, approximate=approximate)
             grad_hidden = grouped_mm(grad_out, w2, None, offsets, gather_index=scatter, transpose_weight=True)[0]
-            need = ctx.needs_input_grad
             grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
             if need[3] or need[4]:
                 grad_w2, grad_b2 = weight_grad(hidden, grad_out, offsets, grad_index=scatter, compute_bias=ctx.has_bias[1])

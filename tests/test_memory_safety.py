@@ -122,6 +122,10 @@ GOOD = {
                        num_out_rows=8, transpose_weight=False, activation=1, save_preact=True),
     "grouped_weight_grad": dict(a=x, grad=torch.randn(8, 5), expert_offsets=off, a_index=m.sorted_token,
                                 grad_index=m.sorted_assignment, compute_bias=True),
+    "grouped_ffn_backward": dict(grad_out=torch.randn(8, 3), x=x, w1=torch.randn(3, 3, 5), w2=torch.randn(3, 5, 3),
+                                 preact=torch.randn(8, 5), expert_offsets=off, gather_index=m.sorted_token,
+                                 scatter_index=m.sorted_assignment, activation=1, compute_grad_x=True,
+                                 compute_bias1=True, compute_bias2=True),
 }
 for op, kwargs in GOOD.items():  # every baseline call is valid
     getattr(S, op)(**kwargs)
@@ -226,6 +230,29 @@ DIRECT = [  # (op, argument named in the message, bad keyword arguments, excepti
     ("grouped_weight_grad", "grad", "grad_index=None, grad=torch.randn(5, 5)", ValueError),
     ("grouped_weight_grad", "a", "a=x.long(), grad=torch.ones(8, 5, dtype=L)", TypeError),
     ("grouped_weight_grad", "a", "a=x[0]", ValueError),
+    *[("grouped_ffn_backward", "expert_offsets", f"expert_offsets=torch.tensor({o})", error) for o, error in BAD_OFFSETS],
+    ("grouped_ffn_backward", "gather_index", "gather_index=m.sorted_token + 4", ValueError),
+    ("grouped_ffn_backward", "gather_index", "gather_index=m.sorted_token - 2**40", ValueError),
+    ("grouped_ffn_backward", "gather_index", "gather_index=m.sorted_token.view(2, 4)", ValueError),
+    ("grouped_ffn_backward", "gather_index", "gather_index=m.sorted_token.int()", TypeError),
+    ("grouped_ffn_backward", "scatter_index", "scatter_index=m.sorted_assignment + 8", ValueError),
+    ("grouped_ffn_backward", "scatter_index", "scatter_index=m.sorted_assignment - 2**40", ValueError),
+    ("grouped_ffn_backward", "scatter_index", "scatter_index=m.sorted_assignment[:5]", ValueError),
+    ("grouped_ffn_backward", "scatter_index", "scatter_index=m.sorted_assignment.int()", TypeError),
+    ("grouped_ffn_backward", "grad_out", "grad_out=torch.randn(8, 4)", ValueError),
+    ("grouped_ffn_backward", "grad_out", "grad_out=torch.randn(8, 3, dtype=torch.float64)", TypeError),
+    ("grouped_ffn_backward", "grad_out", "scatter_index=None, grad_out=torch.randn(5, 3)", ValueError),
+    ("grouped_ffn_backward", "x", "x=x[0]", ValueError), ("grouped_ffn_backward", "x", "x=x.double()", TypeError),
+    ("grouped_ffn_backward", "x", "gather_index=None", ValueError),  # then x must have the 8 sorted rows
+    ("grouped_ffn_backward", "w1", "w1=torch.randn(3, 2, 5)", ValueError),
+    ("grouped_ffn_backward", "w1", "w1=torch.randn(3, 3, 5, dtype=torch.float64)", TypeError),
+    ("grouped_ffn_backward", "w2", "w2=torch.randn(3, 4, 3)", ValueError),
+    ("grouped_ffn_backward", "w2", "w2=torch.randn(2, 5, 3)", ValueError),
+    ("grouped_ffn_backward", "w2", "w2=torch.randn(3, 5, 3).half()", TypeError),
+    ("grouped_ffn_backward", "preact", "preact=torch.randn(8, 4)", ValueError),
+    ("grouped_ffn_backward", "preact", "preact=torch.randn(8, 5, dtype=torch.bfloat16)", TypeError),
+    ("grouped_ffn_backward", "activation", "activation=0", ValueError),
+    ("grouped_ffn_backward", "activation", "activation=3", ValueError),
 ]
 SCHEMA_OPS = sorted(set(re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "sm4_ops.cpp").read_text())))
 

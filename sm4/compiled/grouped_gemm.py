@@ -4,6 +4,7 @@ layers (the autograd lives there, on top of the primitives, as in ScatterMoE).""
 
 import torch
 
+from .. import _extension
 from ..grouped import GroupedKernels, make_backend_ops
 
 
@@ -34,4 +35,33 @@ def grouped_weight_grad(a, grad, expert_offsets, a_index=None, grad_index=None, 
     return torch.ops.sm4.grouped_weight_grad(a, grad, expert_offsets, a_index, grad_index, compute_bias)
 
 
-OPS = make_backend_ops(GroupedKernels(grouped_mm, grouped_weight_grad))
+if "grouped_ffn_backward" in _extension.compiled_ops():  # absent from an extension built before it
+
+    @torch.library.register_fake("sm4::grouped_ffn_backward")
+    def _grouped_ffn_backward_fake(grad_out, x, w1, w2, preact, expert_offsets, gather_index, scatter_index, activation,
+                                   compute_grad_x, compute_bias1, compute_bias2):
+        experts, d_in, hidden = w1.shape
+        return (x.new_empty((x.shape[0] if compute_grad_x else 0, d_in)), w1.new_empty(w1.shape),
+                x.new_empty((experts if compute_bias1 else 0, hidden)), w2.new_empty(w2.shape),
+                x.new_empty((experts if compute_bias2 else 0, w2.shape[2])))
+
+
+# This module serves the cpu and the cuda backends: the fused backward is taken only where the
+# extension has its kernel for x's device (CPU today), and only for fp32 (its one dtype).
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def ffn_backward(grad_out, x, w1, w2, preact, expert_offsets, gather_index, scatter_index, activation, compute_grad_x,
+                 compute_bias1, compute_bias2):
+    """sm4::grouped_ffn_backward's five gradients, or None where it has no kernel for these
+    tensors (another device, a dtype other than fp32): the caller then runs the layered backward."""
+    key = _DISPATCH_KEYS.get(x.device.type)
+    if key is None or not _extension.has_kernel("grouped_ffn_backward", key):
+        return None
+    if any(t.dtype != torch.float32 for t in (grad_out, x, w1, w2, preact)):
+        return None
+    return torch.ops.sm4.grouped_ffn_backward(grad_out, x, w1, w2, preact, expert_offsets, gather_index, scatter_index,
+                                              activation, compute_grad_x, compute_bias1, compute_bias2)
+
+
+OPS = make_backend_ops(GroupedKernels(grouped_mm, grouped_weight_grad, ffn_backward))
