@@ -76,21 +76,3 @@ def _(expert_ids, num_experts):
         expert_ids.new_empty((num_experts + 1,), dtype=torch.int64),
     )
 
-
-GPU_COMPILE_CHECKS = [
-    (
-        _count_kernel,
-        {"ids_ptr": "*i64", "counts_ptr": "*i64", "num_assignments": "i64", "num_experts": "i64", "BLOCK": "constexpr"},
-        {"BLOCK": BLOCK_ASSIGNMENTS},
-    ),
-    (
-        _count_kernel,
-        {"ids_ptr": "*i32", "counts_ptr": "*i64", "num_assignments": "i64", "num_experts": "i64", "BLOCK": "constexpr"},
-        {"BLOCK": BLOCK_ASSIGNMENTS},
-    ),
-    (
-        _exclusive_scan_kernel,
-        {"counts_ptr": "*i64", "offsets_ptr": "*i64", "num_experts": "i64", "BLOCK_E": "constexpr", "NUM_BLOCKS": "constexpr"},
-        {"BLOCK_E": 256, "NUM_BLOCKS": 2},
-    ),
-]

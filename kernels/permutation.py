@@ -30,6 +30,9 @@ from sm4._double_backward import differentiable_permute_backward, differentiable
 
 # Assignments per program of the sort: the in-block rank costs BLOCK^2 comparisons.
 SORT_BLOCK = 128
+# The scatter's 128 x 128 comparison tile is 64 values per thread at 8 warps (128 at Triton's
+# default 4, which spilled 184 bytes per thread on sm_90).
+SCATTER_WARPS = 8
 
 
 @triton.jit
@@ -51,10 +54,11 @@ def _scatter_kernel(ids_ptr, block_start_ptr, sorted_assignment_ptr, sorted_toke
     in_range = i < num_assignments
     e = tl.load(ids_ptr + i, mask=in_range, other=-1).to(tl.int64)
     inactive = (e < 0) | (e >= num_experts)
-    bins = tl.where(inactive, num_experts, e)
-    # Rank among the earlier assignments of this block in the same bin: keeps the sort stable.
+    bins = tl.where(inactive, num_experts, e).to(tl.int32)  # in [0, E]: int32 halves the compare tile
+    # Rank among the earlier assignments of this block in the same bin: keeps the sort stable. The
+    # (BLOCK, BLOCK) comparison is summed in int32 (a rank is < BLOCK).
     same_bin_before = (bins[:, None] == bins[None, :]) & (lanes[None, :] < lanes[:, None]) & in_range[None, :]
-    rank = tl.sum(same_bin_before.to(tl.int64), axis=1)
+    rank = tl.sum(same_bin_before.to(tl.int32), axis=1)
     start = tl.load(block_start_ptr + pid * (num_experts + 1) + bins, mask=in_range, other=0)
     row = start + rank
     tl.store(sorted_assignment_ptr + row, i, mask=in_range)
@@ -172,7 +176,7 @@ def routing_metadata_op(expert_ids: torch.Tensor, num_experts: int) -> tuple[tor
     assignment_row = torch.empty(tokens, k, dtype=torch.int64, device=device)
     if n:
         _scatter_kernel[(blocks,)](ids, block_start, sorted_assignment, sorted_token, assignment_row, n, num_experts, k,
-                                   BLOCK=SORT_BLOCK)
+                                   BLOCK=SORT_BLOCK, num_warps=SCATTER_WARPS)
     counts = bin_totals[:num_experts].clone()
     offsets = bin_base[: num_experts + 1].clone()  # bin E starts at A, the number of active rows
     return counts, offsets, sorted_assignment, sorted_token, assignment_row
@@ -293,26 +297,3 @@ def permute(x, metadata):
 def unpermute(y_sorted, gates, metadata):
     return unpermute_op(y_sorted, gates, metadata.assignment_row, metadata.expert_offsets)
 
-
-_I64 = "i64"
-GPU_COMPILE_CHECKS = [
-    (_bin_counts_kernel, {"ids_ptr": "*i64", "block_counts_ptr": "*i64", "num_assignments": _I64, "num_experts": _I64,
-                          "BLOCK": "constexpr"}, {"BLOCK": SORT_BLOCK}),
-    (_scatter_kernel, {"ids_ptr": "*i64", "block_start_ptr": "*i64", "sorted_assignment_ptr": "*i64",
-                       "sorted_token_ptr": "*i64", "assignment_row_ptr": "*i64", "num_assignments": _I64,
-                       "num_experts": _I64, "k": _I64, "BLOCK": "constexpr"}, {"BLOCK": SORT_BLOCK}),
-    (_scatter_rows_kernel, {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*bf16", "num_tokens": _I64, "num_rows": _I64,
-                            "dim": _I64, "K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-     {"K": 2, "BLOCK_T": 16, "BLOCK_D": 256}),
-    (_zero_padding_kernel, {"out_ptr": "*bf16", "offsets_ptr": "*i64", "num_experts": _I64, "num_rows": _I64, "dim": _I64,
-                            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}, {"BLOCK_R": 64, "BLOCK_D": 128}),
-    (_combine_kernel, {"src_ptr": "*bf16", "weights_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": "*bf16",
-                       "num_tokens": _I64, "num_rows": _I64, "dim": _I64, "K": "constexpr", "HAS_WEIGHTS": "constexpr",
-                       "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-     {"K": 2, "HAS_WEIGHTS": True, "BLOCK_T": 16, "BLOCK_D": 256}),
-    (_unpermute_backward_kernel, {"grad_y_ptr": "*bf16", "y_sorted_ptr": "*bf16", "gates_ptr": "*fp32", "rows_ptr": "*i64",
-                                  "grad_sorted_ptr": "*bf16", "grad_gates_ptr": "*fp32", "num_tokens": _I64, "num_rows": _I64,
-                                  "dim": _I64,
-                                  "K": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "D_BLOCKS": "constexpr"},
-     {"K": 2, "BLOCK_T": 16, "BLOCK_D": 256, "D_BLOCKS": 16}),
-]

@@ -101,7 +101,9 @@ def _gating_forward_kernel(
     pid = tl.program_id(0).to(tl.int64)
     tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     token_mask = tokens < num_tokens
-    experts = tl.arange(0, BLOCK_E).to(tl.int64)
+    # Expert and rank indices are int32 (E < 2^31); addresses are int64 through tokens and pid.
+    # A (BLOCK_T, BLOCK_E) int64 tile would take two registers per element.
+    experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < num_experts
     ranks = tl.arange(0, K_PAD)
 
@@ -122,14 +124,14 @@ def _gating_forward_kernel(
 
     # Top-k by rounds of argmax (ties to the lower index); one more round finds the runner-up.
     remaining = noisy
-    ids_tile = tl.full((BLOCK_T, K_PAD), -1, tl.int64)
+    ids_tile = tl.full((BLOCK_T, K_PAD), -1, tl.int32)
     gates_tile = tl.zeros((BLOCK_T, K_PAD), tl.float32)
     selected = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
-    runner = tl.full((BLOCK_T,), -1, tl.int64)
+    runner = tl.full((BLOCK_T,), -1, tl.int32)
     threshold_selected = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     threshold_unselected = tl.zeros((BLOCK_T,), tl.float32)
     for r in tl.static_range(NUM_RANKED):
-        best = tl.argmax(remaining, axis=1).to(tl.int64)
+        best = tl.argmax(remaining, axis=1).to(tl.int32)
         best_value = tl.max(remaining, axis=1)
         is_best = experts[None, :] == best[:, None]
         active = r < kt
@@ -161,23 +163,30 @@ def _gating_forward_kernel(
     # A non-finite token: routed to the lowest experts, NaN gates/entropy, out of importance/load.
     bad = token_mask & ~finite
     rank_active = ranks[None, :] < kt[:, None]
-    ids_tile = tl.where(bad[:, None], tl.where(rank_active, ranks[None, :].to(tl.int64), -1), ids_tile)
+    ids_tile = tl.where(bad[:, None], tl.where(rank_active, ranks[None, :], -1), ids_tile)
     gates_tile = tl.where(bad[:, None] & rank_active, float("nan"), gates_tile)
     entropy = tl.where(bad, float("nan"), entropy)
     runner = tl.where(bad, -1, runner)
     selected = tl.where(bad[:, None], experts[None, :] < kt[:, None], selected)
 
     rank_mask = token_mask[:, None] & (ranks[None, :] < K)
-    tl.store(ids_ptr + tokens[:, None] * K + ranks[None, :], ids_tile, mask=rank_mask)
+    tl.store(ids_ptr + tokens[:, None] * K + ranks[None, :], ids_tile.to(tl.int64), mask=rank_mask)
     tl.store(gates_ptr + tokens[:, None] * K + ranks[None, :], gates_tile, mask=rank_mask)
     tl.store(entropy_ptr + tokens, entropy, mask=token_mask)
-    tl.store(runner_ptr + tokens, runner, mask=token_mask)
+    tl.store(runner_ptr + tokens, runner.to(tl.int64), mask=token_mask)
     counted = good[:, None] & expert_mask[None, :]
     out = pid * num_experts + experts
     tl.store(block_importance_ptr + out, tl.sum(tl.where(counted, q, 0.0), axis=0), mask=expert_mask)
     tl.store(block_load_ptr + out, tl.sum(tl.where(counted, load, 0.0), axis=0), mask=expert_mask)
     in_batch = token_mask[:, None] & expert_mask[None, :] & selected
     tl.store(block_counts_ptr + out, tl.sum(in_batch.to(tl.int64), axis=0), mask=expert_mask)
+
+
+@triton.jit
+def _lane_index(index, BLOCK_E: tl.constexpr):
+    """An int64 expert index as int32 with the same matches and signs: below 0 -> -1 (no lane),
+    at or past BLOCK_E -> BLOCK_E (no lane, still >= 0), so even a bad saved index behaves as before."""
+    return tl.where(index < 0, -1, tl.minimum(index, BLOCK_E)).to(tl.int32)
 
 
 @triton.jit
@@ -191,7 +200,7 @@ def _gating_backward_kernel(
     pid = tl.program_id(0).to(tl.int64)
     tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     token_mask = tokens < num_tokens
-    experts = tl.arange(0, BLOCK_E).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)  # int32, as in the forward
     expert_mask = experts < num_experts
 
     saved = tl.load(logits_ptr + tokens[:, None] * num_experts + experts[None, :],
@@ -206,9 +215,9 @@ def _gating_backward_kernel(
     selected = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
     active_sum = tl.zeros((BLOCK_T,), tl.float32)
     weighted = tl.zeros((BLOCK_T,), tl.float32)
-    last_selected = tl.full((BLOCK_T,), -1, tl.int64)
+    last_selected = tl.full((BLOCK_T,), -1, tl.int32)
     for r in tl.static_range(K):
-        expert = tl.load(ids_ptr + tokens * K + r, mask=token_mask, other=-1)
+        expert = _lane_index(tl.load(ids_ptr + tokens * K + r, mask=token_mask, other=-1), BLOCK_E)
         d_gate = tl.load(d_gates_ptr + tokens * K + r, mask=token_mask, other=0.0).to(tl.float32)
         is_expert = experts[None, :] == expert[:, None]
         p = tl.sum(tl.where(is_expert, probs, 0.0), axis=1)
@@ -235,7 +244,7 @@ def _gating_backward_kernel(
     # Smooth load: Phi((l_e - n_j) / sigma), j = runner-up for selected e, last selected otherwise.
     if HAS_NOISE:
         d_load = tl.load(d_load_ptr + experts, mask=expert_mask, other=0.0).to(tl.float32)
-        runner = tl.load(runner_ptr + tokens, mask=token_mask, other=-1)
+        runner = _lane_index(tl.load(runner_ptr + tokens, mask=token_mask, other=-1), BLOCK_E)
         is_runner = experts[None, :] == runner[:, None]
         is_last = experts[None, :] == last_selected[:, None]
         runner_value = tl.sum(tl.where(is_runner, noisy, 0.0), axis=1)
@@ -253,14 +262,32 @@ def _gating_backward_kernel(
              mask=token_mask[:, None] & expert_mask[None, :])
 
 
-def _blocks(x: torch.Tensor, router_weight: torch.Tensor, num_experts: int):
-    """Tile sizes and the dot precision for a call (see the module docstring)."""
+def _tiles(num_experts: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_E, num_warps) of the forward and backward programs.
+
+    The routing holds about eight (BLOCK_T, BLOCK_E) fp32 tiles at once (logits, probabilities,
+    the top-k state, the load terms): at more than ~16 values per thread per tile sm_90 spills
+    (255 registers and 0.1-38 KB of stack with 64 tokens at E = 64 or 32 at E = 256). So BLOCK_T
+    shrinks as E grows (64 tokens up to E = 32, 32 at E = 64, 16 from E = 128) and the warps grow
+    to keep 16 values per thread (8 warps at E = 256; beyond, 8 warps and more per thread).
+    The interpreter (CPU tensors) keeps 16-token programs.
+    """
     block_e = max(16, triton.next_power_of_2(num_experts))
-    interpreted = x.device.type == "cpu"
-    block_t = 16 if interpreted else (64 if block_e <= 128 else 32)
-    block_d = max(16, min(64, triton.next_power_of_2(max(x.shape[1], 1))))
-    low_precision = (not interpreted) and x.dtype in (torch.float16, torch.bfloat16) and router_weight.dtype == x.dtype
-    return block_t, block_e, block_d, low_precision
+    if device.type == "cpu":
+        return 16, block_e, 4
+    block_t = max(16, min(64, 2048 // block_e))
+    num_warps = max(4, min(8, block_t * block_e // (16 * 32)))
+    return block_t, block_e, num_warps
+
+
+def _blocks(x: torch.Tensor, router_weight: torch.Tensor, num_experts: int):
+    """Tile sizes, warps and the dot precision of a forward call (see the module docstring)."""
+    block_t, block_e, num_warps = _tiles(num_experts, x.device)
+    # The (BLOCK_D, BLOCK_E) weight tile is staged in shared memory per pipeline stage: 32 rows
+    # from BLOCK_E = 128 on keep 3 fp32 stages at E = 256 to 96 KiB.
+    block_d = max(16, min(64 if block_e <= 64 or x.device.type == "cpu" else 32, triton.next_power_of_2(max(x.shape[1], 1))))
+    low_precision = x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16) and router_weight.dtype == x.dtype
+    return block_t, block_e, block_d, num_warps, low_precision
 
 
 @torch.library.custom_op("sm4::triton_topk_gating_forward", mutates_args=(), device_types=("cuda", "cpu"))
@@ -273,7 +300,7 @@ def gating_forward(
     weight = router_weight.contiguous()
     tokens, dim = x.shape
     experts = weight.shape[1]
-    block_t, block_e, block_d, low_precision = _blocks(x, weight, experts)
+    block_t, block_e, block_d, num_warps, low_precision = _blocks(x, weight, experts)
     programs = triton.cdiv(tokens, block_t)
     ids = torch.empty(tokens, k, dtype=torch.int64, device=x.device)
     gates = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
@@ -292,7 +319,7 @@ def gating_forward(
             K=k, K_PAD=triton.next_power_of_2(k), NUM_RANKED=min(k + 1, experts),
             HAS_NOISE=has_noise, HAS_TOKEN_K=token_k is not None, RENORMALIZE=renormalize,
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d),
-            LOW_PRECISION_DOT=low_precision,
+            LOW_PRECISION_DOT=low_precision, num_warps=num_warps,
         )
     # Per-program partial sums, added in program order: deterministic.
     return (gates, ids, entropy, block_importance.sum(0), block_load.sum(0), block_counts.sum(0), runner, logits)
@@ -306,8 +333,7 @@ def gating_backward(
     """Same contract as torch.ops.sm4.topk_gating_backward: d loss / d logits, (T, E) fp32."""
     tokens, experts = logits.shape
     k = expert_ids.shape[1]
-    block_e = max(16, triton.next_power_of_2(experts))
-    block_t = 16 if logits.device.type == "cpu" else (64 if block_e <= 128 else 32)
+    block_t, block_e, num_warps = _tiles(experts, logits.device)
     d_logits = torch.empty(tokens, experts, dtype=torch.float32, device=logits.device)
     programs = triton.cdiv(tokens, block_t)
     has_noise = sigma > 0
@@ -316,7 +342,7 @@ def gating_backward(
             logits.contiguous(), noise.contiguous() if has_noise else logits, expert_ids.contiguous(), runner_up.contiguous(),
             grad_gates.float().contiguous(), grad_importance.float().contiguous(), grad_load.float().contiguous(), d_logits,
             tokens, experts, float(sigma),
-            K=k, HAS_NOISE=has_noise, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+            K=k, HAS_NOISE=has_noise, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
         )
     return d_logits
 
@@ -324,37 +350,3 @@ def gating_backward(
 routing.register_gating("sm4::triton_topk_gating_forward", "sm4::triton_topk_gating_backward", gating_backward)
 topk_gating = routing.make_topk_gating(gating_forward)
 
-
-_FORWARD_SIGNATURE = {
-    "x_ptr": "*bf16", "w_ptr": "*bf16", "noise_ptr": "*fp32", "token_k_ptr": "*i64",
-    "ids_ptr": "*i64", "gates_ptr": "*fp32", "entropy_ptr": "*fp32", "runner_ptr": "*i64", "logits_ptr": "*fp32",
-    "block_importance_ptr": "*fp32", "block_load_ptr": "*fp32", "block_counts_ptr": "*i64",
-    "num_tokens": "i64", "dim": "i64", "num_experts": "i64", "sigma": "fp32",
-}
-_BACKWARD_SIGNATURE = {
-    "logits_ptr": "*fp32", "noise_ptr": "*fp32", "ids_ptr": "*i64", "runner_ptr": "*i64",
-    "d_gates_ptr": "*fp32", "d_importance_ptr": "*fp32", "d_load_ptr": "*fp32", "d_logits_ptr": "*fp32",
-    "num_tokens": "i64", "num_experts": "i64", "sigma": "fp32",
-}
-_CONSTEXPRS = ("K", "K_PAD", "NUM_RANKED", "HAS_NOISE", "HAS_TOKEN_K", "RENORMALIZE", "BLOCK_T", "BLOCK_E", "BLOCK_D", "D_BLOCKS", "LOW_PRECISION_DOT")
-
-# The issue's GPU shape (bf16, E = 64, k = 2, training with per-token k) and an fp32, E = 13 one.
-GPU_COMPILE_CHECKS = [
-    (
-        _gating_forward_kernel,
-        {**_FORWARD_SIGNATURE, **{name: "constexpr" for name in _CONSTEXPRS}},
-        dict(K=2, K_PAD=2, NUM_RANKED=3, HAS_NOISE=True, HAS_TOKEN_K=True, RENORMALIZE=False,
-             BLOCK_T=64, BLOCK_E=64, BLOCK_D=64, D_BLOCKS=64, LOW_PRECISION_DOT=True),
-    ),
-    (
-        _gating_forward_kernel,
-        {**_FORWARD_SIGNATURE, "x_ptr": "*fp32", "w_ptr": "*fp32", **{name: "constexpr" for name in _CONSTEXPRS}},
-        dict(K=3, K_PAD=4, NUM_RANKED=4, HAS_NOISE=False, HAS_TOKEN_K=False, RENORMALIZE=True,
-             BLOCK_T=64, BLOCK_E=16, BLOCK_D=64, D_BLOCKS=2, LOW_PRECISION_DOT=False),
-    ),
-    (
-        _gating_backward_kernel,
-        {**_BACKWARD_SIGNATURE, **{name: "constexpr" for name in ("K", "HAS_NOISE", "RENORMALIZE", "BLOCK_T", "BLOCK_E")}},
-        dict(K=2, HAS_NOISE=True, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=64),
-    ),
-]

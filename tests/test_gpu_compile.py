@@ -1,6 +1,7 @@
 """GPU code is compiled here even without a GPU: every CUDA source with nvcc for sm_80 and sm_90,
 every Triton kernel for the cuda 80 and 90 targets. Running it needs a GPU (see README)."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -73,33 +74,100 @@ def test_cuda_bindings_compile_against_torch_headers(source, tmp_path):
     assert result.returncode == 0, f"{source.name} does not compile:\n{result.stderr[-4000:]}"
 
 
-# The compile runs in a fresh interpreter without TRITON_INTERPRET, where @triton.jit gives real
-# JIT functions (under the interpreter it gives interpreted ones, which cannot be lowered).
-TRITON_COMPILE = """
-import importlib, pkgutil, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import sm4.kernels
-arch = int(sys.argv[1])
-count = 0
-for info in pkgutil.iter_modules(sm4.kernels.__path__):
-    module = importlib.import_module("sm4.kernels." + info.name)
-    for kernel, signature, constexprs in getattr(module, "GPU_COMPILE_CHECKS", []):
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
-        assert compiled.asm["ptx"], kernel
-        count += 1
-print("compiled", count)
-"""
+# ---- Triton: exactly the launches the launchers make (tests/triton_launches.py) ----------------
+# The capture and the compiles run in a fresh interpreter without TRITON_INTERPRET (under the
+# interpreter @triton.jit gives interpreted functions, which cannot be lowered), once per session
+# for both targets, on two worker processes; Triton's cache (~/.triton/cache) makes reruns fast.
+
+
+@pytest.fixture(scope="session")
+def triton_launches():
+    """{arch: [inspection]}: every launch of the covering set compiled for sm_80 and sm_90."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.triton_launches", *ARCHS], cwd=ROOT, capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    inspections = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {arch: [i for i in inspections if i["arch"] == int(arch)] for arch in ARCHS}
+
+
+def _listing(launches):
+    return "\n".join(f"  {i['label']} ({i['where']}): {i['registers']} registers, {i['stack']} B stack, "
+                     f"{i['spill_stores']}/{i['spill_loads']} B spilled, sass {i['sass']}" for i in launches)
+
+
+def test_the_capture_launches_every_triton_kernel(triton_launches):
+    """Every @triton.jit kernel that a launcher starts (not the jit helpers they call) is compiled."""
+    import ast
+
+    defined = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                defined.add(node.name)
+    for arch, launches in triton_launches.items():
+        assert defined <= {i["kernel"] for i in launches}, (arch, sorted(defined - {i["kernel"] for i in launches}))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_triton_kernels_compile_for_gpu(arch):
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", TRITON_COMPILE, arch], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert int(result.stdout.split()[-1]) >= 1, "no Triton kernel declared GPU_COMPILE_CHECKS"
+def test_triton_launches_do_not_spill(triton_launches, arch):
+    """ptxas reports no spill and no stack frame, and the SASS has no local loads/stores (LDL/STL)."""
+    bad = [i for i in triton_launches[arch] if i["spill_stores"] or i["spill_loads"] or i["stack"]
+           or (i["sass"] and (i["sass"]["STL"] or i["sass"]["LDL"]))]
+    assert not bad, f"sm_{arch}: {len(bad)} of {len(triton_launches[arch])} launches spill:\n{_listing(bad)}"
+
+
+def _tensor_core_16bit(i):
+    return i["dtype"] in ("bf16", "fp16") and (i["kernel"] != "_gating_forward_kernel" or i["constexprs"]["LOW_PRECISION_DOT"])
+
+
+def _ieee_fp32(i):
+    return i["dtype"] == "fp32" and (i["constexprs"].get("PRECISION") == "ieee" or i["kernel"] == "_gating_forward_kernel")
+
+
+def _pipelined(i):
+    """A GEMM whose main loop has more than one trip: Triton's software pipeline uses cp.async."""
+    values = i["constexprs"]
+    if i["kernel"] == "_grouped_mm_kernel":
+        return values["K_TILES"] > 1
+    if i["kernel"] == "_gating_forward_kernel":
+        return values["D_BLOCKS"] > 1
+    return i["kernel"] == "_grouped_weight_grad_kernel"  # a run-time row loop
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_triton_gemms_use_tensor_cores_ldmatrix_and_cp_async(triton_launches, arch):
+    """16-bit GEMMs: tensor-core MMA (wgmma = HGMMA for the grouped GEMMs on sm_90; the gating's
+    16- or 32-token tiles are below wgmma's 64 rows and use mma.sync = HMMA) and ldmatrix (LDSM);
+    cp.async (LDGSTS) where the K loop has more than one trip; TF32 on tensor cores too."""
+    gemms = [i for i in triton_launches[arch] if i["sass"] is not None and i["kernel"] != "_gating_backward_kernel"]
+    assert gemms
+    problems = []
+    for i in gemms:
+        sass = i["sass"]
+        want = []
+        if _tensor_core_16bit(i) or i["constexprs"].get("PRECISION") == "tf32" and i["dtype"] == "fp32":
+            wgmma_only = arch == "90" and i["kernel"] != "_gating_forward_kernel"
+            mma = sass["HGMMA"] if wgmma_only else sass["HGMMA"] + sass["HMMA"]
+            want += [("HGMMA" if wgmma_only else "HMMA/HGMMA", mma)]
+            if _tensor_core_16bit(i):
+                want += [("LDSM", sass["LDSM"])]
+        if _pipelined(i):
+            want += [("LDGSTS", sass["LDGSTS"])]
+        missing = [name for name, count in want if not count]
+        if missing:
+            problems.append(f"  {i['label']} ({i['where']}): no {', '.join(missing)}; sass {sass}")
+    assert not problems, f"sm_{arch}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_triton_fp32_ieee_paths_use_no_tensor_cores(triton_launches, arch):
+    exact = [i for i in triton_launches[arch] if i["sass"] is not None and _ieee_fp32(i)]
+    assert exact
+    bad = [i for i in exact if i["sass"]["HMMA"] or i["sass"]["HGMMA"] or i["ptx"]["mma"] or i["ptx"]["wgmma"]]
+    assert not bad, f"sm_{arch}: exact-fp32 GEMMs on tensor cores (TF32 rounding):\n{_listing(bad)}"
 
 
 def test_no_two_cuda_sources_compile_to_the_same_object():
