@@ -15,9 +15,5 @@ def _cuda_kernels_under_emulation(request):
         return
     if not cuda_emulation.enabled():
         pytest.skip(f"no GPU, and the CUDA emulation is switched off ({cuda_emulation.ENV_SWITCH}=0)")
-    if "opcheck" in request.node.name:
-        pytest.skip("opcheck checks sm4's Python registrations (fake kernels, autograd: the same for every device); under "
-                    "the CPU emulation the CUDA kernels sit behind a dispatch mode that opcheck's fake and functional "
-                    "tracing does not go through")
     with cuda_emulation.emulated_cuda_backend():
         yield
