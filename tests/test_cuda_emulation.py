@@ -124,3 +124,20 @@ def test_the_emulated_kernels_stand_in_at_the_cpu_key_for_the_block_only():
     counts, _ = torch.ops.sm4.expert_histogram(ids, 5)
     assert _histogram_launches() == during
     assert counts.tolist() == [1, 1, 2, 0, 2]
+
+
+def test_info_and_readme_say_the_cuda_kernels_are_executed_under_cpu_emulation(capsys):
+    from sm4.__main__ import main
+
+    assert main(["info"]) is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if "executed under CPU emulation" in line]
+    assert len(lines) == 1 and "topk_gating" in lines[0], lines  # names the ops dispatch keeps off them
+    readme = " ".join((cuda_emulation.ROOT / "README.md").read_text().replace(">", " ").split())
+    assert "executed under CPU emulation" in readme
+
+
+def test_every_kernel_of_csrc_cuda_is_counted():
+    # The summary line counts these (tests/conftest.py); one name per __global__ template.
+    kernels = cuda_emulation.cuda_kernels()
+    assert {"gating_forward_kernel", "grouped_mm_tc_kernel", "scatter_rows_kernel", "exclusive_scan_kernel"} <= set(kernels)
+    assert len(kernels) == len(set(kernels)) >= 17

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -107,6 +108,28 @@ def launch_counts() -> dict[str, int]:
     load()
     lines = torch.ops.cuda_emulation.launch_summary().splitlines()
     return {name: int(count) for name, count in (line.rsplit("\t", 1) for line in lines)}
+
+
+# A kernel of csrc/cuda: `__global__ void [__launch_bounds__(...)] name(`.
+_KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
+
+
+def cuda_kernels() -> list[str]:
+    """The names of the __global__ functions in csrc/cuda/*.cu (each template counted once)."""
+    return sorted({name for cu in CUDA_SOURCES.glob("*.cu") for name in _KERNEL.findall(cu.read_text())})
+
+
+def loaded() -> bool:
+    """Whether this process has built and loaded the emulated kernels (load() never ran: False)."""
+    return load.cache_info().currsize > 0
+
+
+def kernel_coverage() -> tuple[list[str], list[str], int]:
+    """(csrc/cuda kernels this process has launched under the emulation, those it has not, launches)."""
+    launched = launch_counts()
+    ran = {name.split("<", 1)[0].strip() for name in launched}
+    kernels = cuda_kernels()
+    return [k for k in kernels if k in ran], [k for k in kernels if k not in ran], sum(launched.values())
 
 
 def _redirect(op: str):
