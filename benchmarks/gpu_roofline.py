@@ -62,12 +62,17 @@ MMA_SYNC_CEILING = 0.65
 # A load issued after a barrier and waited for before the next (no double buffering): x from HBM
 # and W from L2 under load, plus the barriers, in SM cycles (~0.8 us).
 TILE_LATENCY_CYCLES = 1500
-# bf16 WMMA on sm_90 (nvcc 13 SASS): each 16 x 16 fragment is 4 generic 32-bit loads (LD.E, not
-# LDSM), and the row-major B fragments (and the weight grad's col-major A) need MOVM transposes:
-# per K step of 32 a warp issues 48 loads + 32 MOVM (forward) or 48 + 48 (weight grad); fp16 uses
-# LDSM (12 per step, the same 48 wavefronts) and no MOVM. A MOVM is assumed to cost a shared
-# wavefront, so bf16 gets 48 / (48 + MOVM) of the shared-memory cap.
-BF16_MOVM_PER_STEP = {"forward": 32, "weight_grad": 48}
+# gating_forward_kernel (sm_90 SASS): integer, address and predicate instructions per row of a tile
+# beside its FFMAs and LDS (58 - 32 - 12 = 14 per two rows at E = 64), and the latency of routing one
+# token on a warp: softmax twice, k + 1 rounds of a 5-step shuffle argmax, the entropy sum, the noise
+# row's global loads, dependent end to end (an estimate: ~30 cycles a shuffle, ~600 a global load).
+ROW_OVERHEAD_INSTRUCTIONS = 7
+ROUTE_CYCLES_PER_TOKEN = 2000
+kTileD_GATING = 32  # kTileD in topk_gating.cu: feature rows per staged tile
+# WMMA fragments come from shared memory through ldmatrix (LDSM) in both 16-bit dtypes: bf16's
+# through SM4_WMMA_LOAD_SHARED (emulation_seams.cuh), fp16's through the library; the sm_90 SASS of
+# the bf16 and fp16 tensor-core kernels has the same HMMA and LDSM counts and no MOVM
+# (tests/test_cuda_codegen.py), so the two dtypes share one prediction.
 
 
 @dataclass(frozen=True)
@@ -134,31 +139,49 @@ def _memory_efficiency(gpu: Gpu, bytes_in_flight_per_sm: float, cap: float = 0.8
 # ---- CUDA kernels (csrc/cuda) -------------------------------------------------------------------
 
 
-def cuda_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> Kernel:
-    """gating_forward_kernel: a warp per token, 8 tokens (256 threads) per block, SIMT fp32 logits.
+def _gating_forward_tiling(E: int) -> tuple[int, int]:
+    """(EPT, tokens per warp) of gating_forward_kernel: EPT = experts per lane rounded to 1/2/4/8,
+    8 tokens a warp (4 for E > 128), so a block of 8 warps holds 64 (32) tokens (ForwardTiling)."""
+    ept = next(p for p in (1, 2, 4, 8) if 32 * p >= E)
+    return ept, (4 if ept >= 8 else 8)
 
-    The router weight (d, E) fp32 is staged through shared memory in 32-row tiles by every block
-    (no reuse across blocks: T/8 blocks each read all d*E*4 bytes from L2). The sm_90 SASS has, per
-    row of a tile, EPT shared loads of W and one (unvectorised) broadcast load of x for EPT FMAs:
-    shared-memory bound at E / (128 (EPT + 1)) of the FMA peak. 111 registers: 2 CTAs (16 warps)
-    per SM, and each tile's loads (x from HBM, W from L2) wait behind a barrier with no double
-    buffering (~TILE_LATENCY_CYCLES), hidden only by the other CTA's compute.
+
+def cuda_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> Kernel:
+    """gating_forward_kernel: 64 tokens (32 for E > 128) per 256-thread block share each router-weight tile.
+
+    The router weight (d, E) fp32 is staged through shared memory in 32-row tiles (one contiguous
+    run, 16-byte copies), so all of it is read from L2 once per block: T / 64 times. Lane slot j of
+    a warp accumulates expert lane + 32 j of the warp's TPW tokens in registers. Per row of a tile a
+    warp issues EPT shared loads of W, TPW / 2 broadcast LDS.64 of x (the row loop is unrolled by 2)
+    and TPW x EPT FFMAs, plus ~ROW_OVERHEAD_INSTRUCTIONS of address and predicate work (sm_90 SASS:
+    58 instructions, 32 FFMA and 12 LDS per two rows at E = 64): issue-bound at FFMA / all
+    instructions of the FMA peak, the shared pipe close behind. 124 registers: 2 CTAs per SM, whose
+    tile loads (x from HBM, W from L2, behind a barrier, no double buffering) are hidden by the other
+    CTA's compute when it is longer than TILE_LATENCY_CYCLES. Then each warp routes its TPW tokens
+    one after another (dependent shuffles: ~ROUTE_CYCLES_PER_TOKEN each, nothing left to overlap).
     """
     T, d, E, k = s.T, s.d, s.E, s.k
-    blocks = math.ceil(T / 8)
-    ept = next(p for p in (1, 2, 4, 8) if 32 * p >= E)
+    ept, tpw = _gating_forward_tiling(E)
+    tpb = 8 * tpw
+    blocks = math.ceil(T / tpb)
     flops = 2.0 * T * d * E
     hbm = T * d * s.b + d * E * 4 + T * E * 4 * (2 if training else 1) + T * k * 12 + T * 12 + blocks * E * 16
-    lds_eff = E / (128 * (ept + 1))
-    compute_cycles = 32 * (ept + 1) * 8  # one tile of one CTA: 32 rows x wavefronts x 8 warps
+    ffma, lds = tpw * ept, ept + tpw / 2  # warp instructions / shared wavefronts per row of a tile
+    row_clocks = max((ffma + lds + ROW_OVERHEAD_INSTRUCTIONS) / 4, lds)  # 4 schedulers, 1 LDS wavefront/clk per SM
+    core = (ffma / 4) / row_clocks * min(1.0, E / (32 * ept))  # padded expert slots do no useful FMAs
+    compute_cycles = kTileD_GATING * 8 * row_clocks  # one tile of one CTA: 32 rows x 8 warps
+    ctas_per_sm = min(2, math.ceil(blocks / gpu.sms))
     rounds = math.ceil(blocks / (2 * gpu.sms))
-    tile_pair = max(2 * compute_cycles, TILE_LATENCY_CYCLES + compute_cycles)
-    work_s = max(rounds * math.ceil(d / 32) * tile_pair / gpu.clock, blocks * d * E * 4 / gpu.l2_bw)
+    tile_clocks = max(ctas_per_sm * compute_cycles, TILE_LATENCY_CYCLES + compute_cycles)
+    route_clocks = tpw * ROUTE_CYCLES_PER_TOKEN
+    l2_bytes = blocks * d * E * 4
+    work_s = max(rounds * (math.ceil(d / kTileD_GATING) * tile_clocks + route_clocks) / gpu.clock, l2_bytes / gpu.l2_bw)
     roofline = max(flops / gpu.fp32_flops, hbm / gpu.hbm)
     return Kernel("cuda gating_forward_kernel", s, flops, hbm, "fp32", roofline / work_s,
-                  why=f"SIMT fp32 router GEMM in the kernel: shared loads cap it at {lds_eff:.0%} of FMA peak, tile loads "
-                      f"behind barriers with 2 CTAs/SM; W re-staged from L2 by all {blocks} blocks ({blocks * d * E * 4 / MiB:.0f} MiB)",
-                  check="ncu: shared pipe busy, FMA <20 % of peak, stall barrier/long-scoreboard, lts bytes ~= T/8 x d x E x 4")
+                  why=f"SIMT fp32 router GEMM, {tpb} tokens a block sharing each W tile: issue-bound at {core:.0%} of FMA "
+                      f"peak ({ffma} FFMA, {lds:g} LDS wavefronts a row), {ctas_per_sm} CTA(s)/SM; W from L2 {blocks} times "
+                      f"({l2_bytes / MiB:.0f} MiB); routing {tpw} tokens a warp serially",
+                  check="ncu: FMA pipe ~50 % (issue-bound), shared pipe ~80 %, lts bytes ~= T/64 x d x E x 4")
 
 
 def _gating_backward_bytes(s: Shape, training: bool) -> float:
@@ -217,36 +240,75 @@ cuda_histogram, triton_histogram = _small("cuda", "histogram"), _small("triton",
 cuda_routing_metadata, triton_routing_metadata = _small("cuda", "metadata"), _small("triton", "metadata")
 
 
-def _rows_efficiency(gpu: Gpu, elem: int, ilp: float) -> float:
-    # A block of 256 threads per token, scalar element accesses; 2048 resident threads per SM.
-    return _memory_efficiency(gpu, 2048 * elem * ilp)
+@dataclass(frozen=True)
+class RowLayout:
+    """permutation.cu's row layout: a row of d elements is `chunks` chunks of `chunk_bytes` (16-byte
+    vectors when d x element size is a multiple of 16 and the pointers are aligned, which the
+    benchmarks' contiguous tensors are; single elements otherwise), moved by a group of `lanes`
+    (the smallest power of two >= chunks, at most 32) of a 256-thread block."""
+    chunks: int
+    chunk_bytes: int
+    lanes: int
+
+    @property
+    def utilisation(self) -> float:  # lanes busy on the last pass over a row
+        return self.chunks / (self.lanes * math.ceil(self.chunks / self.lanes))
+
+
+def row_layout(s: Shape) -> RowLayout:
+    row_bytes = s.d * s.b
+    chunk = 16 if row_bytes % 16 == 0 else s.b
+    chunks = row_bytes // chunk
+    return RowLayout(chunks, chunk, min(32, 1 << max(0, math.ceil(math.log2(max(1, chunks))))))
+
+
+# Resident threads per SM of the row kernels: 32-48 registers (ptxas, sm_90) let 5-8 blocks of 256
+# threads share an SM; 6 (1536 threads, at the 40 registers of the bf16 vector kernels) is assumed.
+ROW_THREADS_PER_SM = 1536
+
+
+def _rows_efficiency(gpu: Gpu, layout: RowLayout, loads_in_flight: float) -> float:
+    # Each thread keeps `loads_in_flight` chunk loads outstanding (from the SASS of each kernel).
+    return _memory_efficiency(gpu, ROW_THREADS_PER_SM * layout.chunk_bytes * loads_in_flight * layout.utilisation)
+
+
+def _rows_why(layout: RowLayout, loads: float, eff: float) -> str:
+    width = "16-byte vectors" if layout.chunk_bytes == 16 else f"scalar {layout.chunk_bytes}-byte elements"
+    return (f"{layout.lanes} lanes a row, {256 // layout.lanes} rows a block, {width}, {loads:g} load(s) in flight a "
+            f"thread: {eff:.0%} of HBM by Little's law")
 
 
 def cuda_permute(s: Shape, gpu: Gpu = H100) -> Kernel:
-    """scatter_rows_kernel (a block per token, scalar loads/stores) + zero_rows_kernel (no rows)."""
+    """scatter_rows_kernel (a lane group per token, copying it to its k rows) + zero_rows_kernel."""
     hbm = s.T * s.d * s.b + s.rows * s.d * s.b + s.rows * 8
-    eff = _rows_efficiency(gpu, s.b, 1)  # SASS: one LDG + one STG per loop iteration, no unrolling
+    layout = row_layout(s)
+    # SASS: the chunk loop (unrolled by 4) keeps two 16-byte loads ahead of their stores.
+    loads = min(2, math.ceil(layout.chunks / layout.lanes))
+    eff = _rows_efficiency(gpu, layout, loads)
     return Kernel("cuda permute (scatter_rows + zero_rows)", s, 0.0, hbm, "fp32", eff, launches=2,
-                  why=f"one {s.b}-byte load per thread in flight (the loop is not unrolled): {eff:.0%} of HBM by Little's law",
-                  check="dram throughput; sectors/request of the 16-bit LDG/STG")
+                  why=_rows_why(layout, loads, eff), check="dram throughput ~85 %; LDG.E.128 / STG.E.128")
 
 
 def cuda_combine(s: Shape, gpu: Gpu = H100, weighted: bool = True) -> Kernel:
-    """combine_rows_kernel (unpermute, or permute's backward unweighted): a block per token."""
+    """combine_rows_kernel (unpermute, or permute's backward unweighted): a lane group per token."""
     hbm = s.rows * s.d * s.b + s.T * s.d * s.b + s.rows * (12 if weighted else 8)
-    eff = _rows_efficiency(gpu, s.b, s.k)
+    layout = row_layout(s)
+    # SASS: per chunk, the k ranks' row index and 16-byte loads follow one another (one in flight).
+    eff = _rows_efficiency(gpu, layout, 1)
     name = "cuda unpermute (combine_rows)" if weighted else "cuda permute_backward (combine_rows)"
     return Kernel(name, s, 2.0 * s.rows * s.d, hbm, "fp32", eff,
-                  why=f"k={s.k} independent scalar {s.b}-byte loads per column: {eff:.0%} of HBM",
-                  check="dram throughput")
+                  why=_rows_why(layout, 1, eff), check="dram throughput ~85 %")
 
 
 def cuda_unpermute_backward(s: Shape, gpu: Gpu = H100) -> Kernel:
+    """unpermute_backward_kernel + the in-range row count (4 torch ops) + zero_rows_kernel."""
     hbm = s.T * s.d * s.b + 2 * s.rows * s.d * s.b + s.rows * 12
-    eff = 0.9 * _rows_efficiency(gpu, s.b, 2)
-    return Kernel("cuda unpermute_backward (+ sum, zero_rows)", s, 2.0 * s.rows * s.d, hbm, "fp32", eff, launches=3,
-                  why="two scalar loads per column, a 256-thread tree reduction (8 barriers) per rank",
-                  check="dram throughput; barrier stalls")
+    layout = row_layout(s)
+    eff = _rows_efficiency(gpu, layout, 2)  # grad_y and y_sorted chunks loaded together
+    return Kernel("cuda unpermute_backward (+ active count, zero_rows)", s, 2.0 * s.rows * s.d, hbm, "fp32", eff,
+                  launches=6,
+                  why=_rows_why(layout, 2, eff) + "; the gate dot a shuffle butterfly within the group (no barriers)",
+                  check="dram throughput ~85 %")
 
 
 def smem_cap(warp_m: int, warp_n: int) -> float:
@@ -259,16 +321,13 @@ def smem_cap(warp_m: int, warp_n: int) -> float:
     return min(1.0, 128 / (4096 * bytes_per_flop))
 
 
-def _wmma_efficiency(k_steps: int, items: int, concurrent: int, warp_n: int = 64, dtype: str = "bf16",
-                     kind: str = "forward") -> float:
-    # Warp tile 32 x 64 (BM = 128; 32 x 32 for BM = 64): shared memory caps it at 2/3 (1/2) of the
-    # tensor peak, about the mma.sync ceiling, and bf16's MOVM transposes lower that cap; both pipes
-    # near saturation overlap imperfectly (0.8). Single shared buffer + register prefetch, 2
-    # barriers per K step, 2 CTAs/SM (128 registers, ptxas): ~0.75.
+def _wmma_efficiency(k_steps: int, items: int, concurrent: int, warp_n: int = 64) -> float:
+    # Warp tile 32 x 64 (BM = 128; 32 x 32 for BM = 64): shared memory (LDSM fragment loads) caps it
+    # at 2/3 (1/2) of the tensor peak, about the mma.sync ceiling; both pipes near saturation
+    # overlap imperfectly (0.8). Single shared buffer + register prefetch, 2 barriers per K step,
+    # 2 CTAs/SM (122-128 registers, ptxas): ~0.75.
     # Epilogue (fp32 staging, scalar 16-bit stores, GELU): ~3 K steps per tile. Waves: tail.
     cap = smem_cap(32, warp_n)
-    if dtype == "bf16":
-        cap *= 48 / (48 + BF16_MOVM_PER_STEP[kind])
     core = min(MMA_SYNC_CEILING, cap) * 0.8 * 0.75
     epilogue = k_steps / (k_steps + 3)
     waves = items / concurrent
@@ -308,7 +367,7 @@ def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True, preact: bool | N
     concurrent = 2 * gpu.sms
     w = _weight_reads(s, bm, 128, k, n, concurrent, None)
     ideal = _gemm_bytes(s, k, n, s.b, up if preact is None else preact)
-    eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent, warp_n=64 if bm == 128 else 32, dtype=s.dtype)
+    eff = _wmma_efficiency(math.ceil(k / 32), items, concurrent, warp_n=64 if bm == 128 else 32)
     modelled = ideal - s.E * k * n * s.b + w
     roofline = max(flops / gpu.tensor_flops, ideal / gpu.hbm)
     # Memory side: the register prefetch keeps one A and one B tile per CTA in flight, 2 CTAs per SM.
@@ -316,7 +375,7 @@ def cuda_grouped_mm(s: Shape, gpu: Gpu = H100, up: bool = True, preact: bool | N
     work = max(flops / (gpu.tensor_flops * eff), modelled / (gpu.hbm * mem_eff))
     return Kernel(f"cuda grouped_mm_tc_kernel<{s.dtype},{bm}> {_direction(up, preact)}", s, flops, ideal, "tensor",
                   roofline / work, launches=3,
-                  why=f"WMMA (mma.sync) m16n16k16, smem-bound warp tile{' + MOVM (bf16)' if s.dtype == 'bf16' else ''}, no cp.async/multistage: {eff:.0%} of wgmma peak; "
+                  why=f"WMMA (mma.sync) m16n16k16 fed by LDSM, smem-bound warp tile, no cp.async/multistage: {eff:.0%} of wgmma peak; "
                       f"weights {w / MiB:.0f} MiB from HBM",
                   check="tensor pipe ~35 %, stalls barrier/long-scoreboard; vs dense_mm (cuBLAS wgmma ~70 %)")
 
@@ -344,7 +403,7 @@ def cuda_weight_grad(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
                       why="8 LDS per 16 FMA: LDS-bound at 50 % of FMA peak", check="fp32 pipe ~35 %")
     items = s.E * math.ceil(k / 128) * math.ceil(n / 128)
     steps = max(1, math.ceil(s.rows / s.E / 32))
-    eff = _wmma_efficiency(steps, items, 2 * gpu.sms, dtype=s.dtype, kind="weight_grad") * steps / (steps + 1)  # first load exposed
+    eff = _wmma_efficiency(steps, items, 2 * gpu.sms) * steps / (steps + 1)  # first load exposed
     return Kernel("cuda weight_grad_tc_kernel", s, flops, ideal, "tensor", eff,
                   why=f"same WMMA core as the forward; {steps} row steps per tile, the first load exposed",
                   check="tensor pipe ~30 %")

@@ -25,6 +25,11 @@ def info(args):
         print(f"  compiled op sm4::{op}: {', '.join(keys) or 'no kernels'}")
     for name, reason in details["backends"].items():
         print(f"  backend {name:<9} {'available' if reason is None else 'unavailable: ' + reason}")
+    from .backends import CUDA
+
+    if CUDA.unverified:  # until a GPU has run them (sm4/backends.py)
+        print("  cuda kernels (csrc/cuda): executed under CPU emulation by the test suite (tests/cuda_emulation), on no "
+              f"GPU yet; automatic dispatch does not pick them for {', '.join(sorted(CUDA.unverified))}")
     return 0
 
 

@@ -103,3 +103,41 @@ def test_every_kernel_is_bit_identical_under_schedule_perturbation():
     launched = cuda_emulation.launch_counts()
     assert any("gating_forward_kernel" in name for name in launched), launched
     assert any("grouped_mm_tc_kernel" in name for name in launched), launched
+
+
+def _histogram_launches() -> int:
+    return sum(n for name, n in cuda_emulation.launch_counts().items() if name.startswith("histogram_kernel"))
+
+
+def test_the_emulated_kernels_stand_in_at_the_cpu_key_for_the_block_only():
+    """emulated_cuda_backend() puts the emulated kernels at the dispatcher's CPU key of sm4's ops, so
+    torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) runs the CUDA
+    kernels; leaving the block gives sm4's CPU kernels back."""
+    ids = torch.tensor([[0, 4], [2, 2], [4, 1]])
+    before = _histogram_launches()
+    torch.ops.sm4.expert_histogram(ids, 5)
+    assert _histogram_launches() == before  # sm4's CPU kernel: no emulated launch
+    with cuda_emulation.emulated_cuda_backend():
+        torch.library.opcheck(torch.ops.sm4.expert_histogram.default, (ids, 5))
+        during = _histogram_launches()
+        assert during > before
+    counts, _ = torch.ops.sm4.expert_histogram(ids, 5)
+    assert _histogram_launches() == during
+    assert counts.tolist() == [1, 1, 2, 0, 2]
+
+
+def test_info_and_readme_say_the_cuda_kernels_are_executed_under_cpu_emulation(capsys):
+    from sm4.__main__ import main
+
+    assert main(["info"]) is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if "executed under CPU emulation" in line]
+    assert len(lines) == 1 and "topk_gating" in lines[0], lines  # names the ops dispatch keeps off them
+    readme = " ".join((cuda_emulation.ROOT / "README.md").read_text().replace(">", " ").split())
+    assert "executed under CPU emulation" in readme
+
+
+def test_every_kernel_of_csrc_cuda_is_counted():
+    # The summary line counts these (tests/conftest.py); one name per __global__ template.
+    kernels = cuda_emulation.cuda_kernels()
+    assert {"gating_forward_kernel", "grouped_mm_tc_kernel", "scatter_rows_kernel", "exclusive_scan_kernel"} <= set(kernels)
+    assert len(kernels) == len(set(kernels)) >= 17

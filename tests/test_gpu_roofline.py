@@ -50,9 +50,41 @@ def test_cuda_gating_forward_cannot_reach_the_copy_roofline():
     triton = roof.triton_gating_forward(roof.GATING_GPU)
     copy_s = roof.GATING_GPU.T * roof.GATING_GPU.d * 2 / roof.H100.hbm
     assert cuda.bound(roof.H100) == "compute" and cuda.unit == "fp32"
-    assert cuda.predicted_s(roof.H100) > 10 * copy_s
+    assert cuda.predicted_s(roof.H100) > 5 * copy_s
     assert triton.bound(roof.H100) == "memory"
-    assert triton.predicted_s(roof.H100) < cuda.predicted_s(roof.H100) / 5
+    assert triton.predicted_s(roof.H100) < cuda.predicted_s(roof.H100) / 3
+
+
+def test_cuda_gating_forward_tiling_follows_the_kernel():
+    # ForwardTiling in topk_gating.cu: 8 tokens a warp (64 a block), 4 (32) once a lane holds 8
+    # experts (E > 128); the experts a lane holds are rounded up to 1, 2, 4 or 8.
+    assert roof._gating_forward_tiling(64) == (2, 8)
+    assert roof._gating_forward_tiling(32) == (1, 8)
+    assert roof._gating_forward_tiling(96) == (4, 8)
+    assert roof._gating_forward_tiling(256) == (8, 4)
+    # E = 64: 16 FFMA, 2 + 8 / 2 LDS and the overhead per row, 29 instructions at 4 a clock: the
+    # sm_90 SASS's 32 FFMA in 58 instructions per two rows, issue-bound at 16 / 29 of the FMA peak.
+    kernel = roof.cuda_gating_forward(roof.SCALE)
+    assert "55% of FMA peak" in kernel.why and "256 times" in kernel.why  # W from L2 once per 64 tokens
+    assert 0.3 < kernel.fraction(roof.H100) < 16 / 29
+    # Twice the feature dimension: twice the tiles, the same routing tail: nearly twice the time.
+    wide = roof.Shape("wide", roof.SCALE.T, 2 * roof.SCALE.d, roof.SCALE.h, 64, 2)
+    assert 1.7 < roof.cuda_gating_forward(wide).predicted_s(roof.H100) / kernel.predicted_s(roof.H100) < 2
+
+
+def test_cuda_row_kernels_use_a_lane_group_and_16_byte_vectors():
+    # permutation.cu's RowLayout: d = 64 bf16 is 8 chunks of 16 bytes on 8 lanes (32 rows a
+    # block); d = 1024 bf16 is 128 chunks on a warp; an odd row falls back to elements.
+    assert roof.row_layout(roof.Shape("d64", 1, 64, 1, 8, 2, "bf16")) == roof.RowLayout(8, 16, 8)
+    assert roof.row_layout(roof.SCALE) == roof.RowLayout(128, 16, 32)
+    odd = roof.Shape("odd", 1024, 63, 1, 8, 2, "bf16")
+    assert roof.row_layout(odd) == roof.RowLayout(63, 2, 32)
+    # With 16-byte vectors the row kernels keep enough bytes in flight for the HBM cap, close to
+    # the Triton kernels; scalar 2-byte elements do not.
+    for build in (roof.cuda_permute, roof.cuda_combine, roof.cuda_unpermute_backward):
+        assert build(roof.SCALE).efficiency == pytest.approx(0.85), build.__name__
+        assert build(roof.Shape("odd", roof.SCALE.T, 1023, 1, 64, 2, "bf16")).efficiency < 0.5, build.__name__
+    assert roof.cuda_permute(roof.SCALE).fraction(roof.H100) > 0.9 * roof.triton_permute(roof.SCALE).fraction(roof.H100)
 
 
 def test_wider_experts_move_the_gemm_weights_out_of_l2():
@@ -124,9 +156,11 @@ def test_shared_memory_caps_the_wmma_warp_tiles():
     assert roof.cuda_grouped_mm(sparse).bound(roof.H100) == "memory"
 
 
-def test_bf16_wmma_pays_for_its_movm_transposes():
-    # The sm_90 SASS of the bf16 WMMA kernels loads fragments with generic loads and transposes B
-    # with MOVM; fp16 uses LDSM. Same shape, same bytes: bf16 is predicted slower.
+def test_bf16_and_fp16_wmma_share_one_prediction():
+    # Both 16-bit dtypes load WMMA fragments with LDSM (bf16 through SM4_WMMA_LOAD_SHARED; equal
+    # HMMA / LDSM counts, no MOVM: tests/test_cuda_codegen.py): same shape, same predicted time.
     fp16 = roof.Shape(roof.SCALE.name, 16384, 1024, 4096, 64, 2, "fp16")
-    assert roof.cuda_grouped_mm(roof.SCALE, up=False).predicted_s(roof.H100) > 1.3 * roof.cuda_grouped_mm(fp16, up=False).predicted_s(roof.H100)
-    assert roof.cuda_weight_grad(roof.SCALE).efficiency < roof.cuda_weight_grad(fp16).efficiency
+    assert roof.cuda_grouped_mm(roof.SCALE, up=False).predicted_s(roof.H100) == pytest.approx(
+        roof.cuda_grouped_mm(fp16, up=False).predicted_s(roof.H100))
+    assert roof.cuda_weight_grad(roof.SCALE).efficiency == pytest.approx(roof.cuda_weight_grad(fp16).efficiency)
+    assert "MOVM" not in roof.cuda_grouped_mm(roof.SCALE).why

@@ -85,6 +85,19 @@ struct RowLayout {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// This thread's place in the layout: its lane in its token's group, the group's size, and the token
+// (groups are consecutive threads: block b holds tokens b * (kRowThreads / lanes) onwards).
+struct RowLane {
+  int lane, lanes;
+  int64_t token;
+};
+
+__device__ __forceinline__ RowLane row_lane(const RowLayout& layout) {
+  const int lane = threadIdx.x & ((1 << layout.lane_shift) - 1);
+  const int64_t token = int64_t(blockIdx.x) * (kRowThreads >> layout.lane_shift) + (threadIdx.x >> layout.lane_shift);
+  return RowLane{lane, 1 << layout.lane_shift, token};
+}
+
 // VEC elements of T moved as one access (16 bytes for the vector path).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -109,8 +122,7 @@ __global__ void __launch_bounds__(kRowThreads) scatter_rows_kernel(const Chunk* 
                                                                    const int64_t* __restrict__ rows, int64_t tokens,
                                                                    int64_t k, int64_t num_out_rows, RowLayout layout,
                                                                    Chunk* __restrict__ out) {
-  const int lane = threadIdx.x & ((1 << layout.lane_shift) - 1), lanes = 1 << layout.lane_shift;
-  const int64_t t = int64_t(blockIdx.x) * (kRowThreads >> layout.lane_shift) + (threadIdx.x >> layout.lane_shift);
+  const auto [lane, lanes, t] = row_lane(layout);
   if (t >= tokens) return;
   const Chunk* __restrict__ src = x + t * layout.chunks;
   for (int64_t r = 0; r < k; ++r) {
@@ -141,8 +153,7 @@ __global__ void __launch_bounds__(kRowThreads) combine_rows_kernel(const T* __re
                                                                    const int64_t* __restrict__ rows, int64_t tokens,
                                                                    int64_t k, int64_t num_src_rows, RowLayout layout,
                                                                    T* __restrict__ out) {
-  const int lane = threadIdx.x & ((1 << layout.lane_shift) - 1), lanes = 1 << layout.lane_shift;
-  const int64_t t = int64_t(blockIdx.x) * (kRowThreads >> layout.lane_shift) + (threadIdx.x >> layout.lane_shift);
+  const auto [lane, lanes, t] = row_lane(layout);
   if (t >= tokens) return;
   for (int c = lane; c < layout.chunks; c += lanes) {
     float acc[VEC];
@@ -171,8 +182,7 @@ __global__ void __launch_bounds__(kRowThreads) unpermute_backward_kernel(
     const T* __restrict__ grad_y, const T* __restrict__ y_sorted, const float* __restrict__ gates,
     const int64_t* __restrict__ rows, int64_t tokens, int64_t k, int64_t num_rows, RowLayout layout,
     T* __restrict__ grad_sorted, float* __restrict__ grad_gates) {
-  const int lane = threadIdx.x & ((1 << layout.lane_shift) - 1), lanes = 1 << layout.lane_shift;
-  const int64_t t = int64_t(blockIdx.x) * (kRowThreads >> layout.lane_shift) + (threadIdx.x >> layout.lane_shift);
+  const auto [lane, lanes, t] = row_lane(layout);
   const bool in_batch = t < tokens;  // no early exit: the groups of a warp shuffle together
   for (int64_t r = 0; r < k; ++r) {
     const int64_t row = in_batch ? rows[t * k + r] : -1;

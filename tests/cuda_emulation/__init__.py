@@ -6,7 +6,10 @@ and cub: see ``include/cuda_emulation/runtime.h``) into a CPU extension of their
 cached in ``build/cuda_emulation`` (ninja rebuilds only what changed). The bindings register under
 ``torch.ops.sm4_cuda_emulated`` (the schemas are sm4's, copied); ``emulated_cuda_backend()``
 makes ``backend="cuda"`` run them on CPU tensors, through the same Python layer (autograd, the
-routing finish, the grouped layers) the real CUDA backend uses.
+routing finish, the grouped layers) the real CUDA backend uses, by putting them in place of sm4's
+own CPU kernels at the dispatcher's CPU key for the duration (so everything that dispatches, fake
+tensors, torch.compile and torch.library.opcheck included, sees them where a GPU run would see the
+CUDA kernels).
 
 ``SM4_CUDA_EMULATION=0`` skips the emulated tests (with that reason); the first build takes a few
 minutes on two cores (``MAX_JOBS`` bounds its parallel compiles).
@@ -16,12 +19,11 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -108,19 +110,39 @@ def launch_counts() -> dict[str, int]:
     return {name: int(count) for name, count in (line.rsplit("\t", 1) for line in lines)}
 
 
-class _ToEmulatedKernels(TorchDispatchMode):
-    """Sends each sm4::* op that has an emulated CUDA kernel to it (below autograd, so sm4's
-    autograd formulas and Python layers run unchanged above it)."""
+# A kernel of csrc/cuda: `__global__ void [__launch_bounds__(...)] name(`.
+_KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
 
-    def __init__(self, emulated: frozenset[str]):
-        super().__init__()
-        self.emulated = emulated
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        fake = any(isinstance(a, FakeTensor) for a in pytree.tree_leaves((args, kwargs)))
-        if func.namespace == "sm4" and func._opname in self.emulated and not fake:  # fake: sm4's fake kernel
-            func = getattr(getattr(torch.ops, NAMESPACE), func._opname).default
-        return func(*args, **(kwargs or {}))
+def cuda_kernels() -> list[str]:
+    """The names of the __global__ functions in csrc/cuda/*.cu (each template counted once)."""
+    return sorted({name for cu in CUDA_SOURCES.glob("*.cu") for name in _KERNEL.findall(cu.read_text())})
+
+
+def loaded() -> bool:
+    """Whether this process has built and loaded the emulated kernels (load() never ran: False)."""
+    return load.cache_info().currsize > 0
+
+
+def kernel_coverage() -> tuple[list[str], list[str], int]:
+    """(csrc/cuda kernels this process has launched under the emulation, those it has not, launches)."""
+    launched = launch_counts()
+    ran = {name.split("<", 1)[0].strip() for name in launched}
+    kernels = cuda_kernels()
+    return [k for k in kernels if k in ran], [k for k in kernels if k not in ran], sum(launched.values())
+
+
+def _redirect(op: str):
+    """A CPU kernel for sm4::op that calls the emulated CUDA kernel (reached below autograd, so sm4's
+    autograd formulas run above it; fake tensors never get here: FakeTensorMode uses sm4's fake
+    kernels first)."""
+    emulated = getattr(getattr(torch.ops, NAMESPACE), op).default
+
+    def kernel(*args, **kwargs):
+        return emulated(*args, **kwargs)
+
+    kernel.__name__ = f"{op}_under_cuda_emulation"
+    return kernel
 
 
 @contextlib.contextmanager
@@ -145,7 +167,14 @@ def emulated_cuda_backend():
     real = backends.BACKENDS["cuda"]
     backends.BACKENDS["cuda"] = stand_in
     try:
-        with _ToEmulatedKernels(emulated):
+        # The emulated kernels in place of sm4's CPU ones; leaving the block deregisters them, which
+        # restores sm4's (the dispatcher keeps the earlier kernel of a key). The dispatcher warns
+        # (once per process) that a kernel is overridden: that is the point here.
+        with torch.library._scoped_library("sm4", "IMPL") as library:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+                for op in sorted(emulated):
+                    library.impl(op, _redirect(op), "CPU")
             yield stand_in
     finally:
         backends.BACKENDS["cuda"] = real
