@@ -15,6 +15,11 @@ Backward (per GEMM ``out = act(a @ W + b)``): dA is a grouped GEMM on the transp
 per-expert reductions (grouped_weight_grad), d-gates are row dot products in the combine. Every
 reduction has a fixed order: results are deterministic.
 
+FFN backward: where the backend supplies ``ffn_backward`` for the tensors at hand (the cpu
+backend, fp32), the whole FFN backward is one op (dH with the GELU derivative in its epilogue,
+dW2/db2, dW1/db1 and dX from the same cache-resident tiles); elsewhere, or with
+``FUSED_FFN_BACKWARD`` off (``SM4_FUSED_FFN_BACKWARD=0``), the layered backward below.
+
 FFN memory: by default the forward saves the pre-activation hidden layer (N x h elements, in x's
 dtype) for the backward. ``recompute_hidden=True`` saves nothing extra and recomputes it with one
 more grouped GEMM in the backward: that trades 1/3 more backward FLOPs of the first layer for

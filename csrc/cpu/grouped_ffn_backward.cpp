@@ -92,6 +92,19 @@ void gather_rows(const float* source, const int64_t* index, int64_t m, int64_t n
   for (int64_t i = 0; i < m; ++i) std::memcpy(dst + i * n, source + index[i] * n, n * sizeof(float));
 }
 
+// A float workspace of at least n elements. Up to kKeptFloats it is kept per thread across calls
+// (`kept`): the tile buffers and the sorted dA rows (a few hundred KiB at the papers' shapes) would
+// otherwise be fresh pages on every call (glibc serves them by mmap), and those page faults cost
+// about a tenth of the op (perf, medium shape). Larger ones (scale-up shapes, where the GEMMs
+// dwarf the faults) live in `once` for this call only, so no thread keeps 100+ MiB.
+constexpr int64_t kKeptFloats = int64_t(4) << 20;  // 16 MiB
+
+float* workspace(std::vector<float>& kept, std::vector<float>& once, int64_t n) {
+  std::vector<float>& buffer = n <= kKeptFloats ? kept : once;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 void check_fp32(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name,
                    " must be float32 (the fused FFN backward is fp32 only; other dtypes take the layered "
@@ -157,7 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_f
   const int64_t* gather_row = gather_index ? gather.data_ptr<int64_t>() : nullptr;
   const int64_t* scatter_row = scatter_index ? scatter.data_ptr<int64_t>() : nullptr;
   // dA in sorted order when a gather has to be inverted; else straight into grad_x's rows.
-  at::Tensor grad_a = compute_grad_x && gather_row ? at::empty({active, d_in}, opts) : grad_x;
+  thread_local std::vector<float> sorted_grad;  // the caller's thread owns it for this call
+  std::vector<float> sorted_grad_once;
+  float* grad_a = compute_grad_x && gather_row ? workspace(sorted_grad, sorted_grad_once, active * d_in)
+                                               : grad_x.data_ptr<float>();
   const bool tanh_form = activation == 2;
 
   // Experts largest first (ties by id: a fixed order), handed out dynamically.
@@ -174,8 +190,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_f
 
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     // Per-thread tile buffers, reused across this thread's experts.
-    std::vector<float> g_buf(scatter_row ? kTile * d_out : 0), x_buf(gather_row ? kTile * d_in : 0);
-    std::vector<float> dp_buf(kTile * hidden), h_buf(kTile * hidden);
+    thread_local std::vector<float> g_buf, x_buf, dp_buf, h_buf;
+    std::vector<float> g_once, x_once, dp_once, h_once;
+    float* const g_tile = workspace(g_buf, g_once, scatter_row ? kTile * d_out : 0);
+    float* const x_tile = workspace(x_buf, x_once, gather_row ? kTile * d_in : 0);
+    float* const dp = workspace(dp_buf, dp_once, kTile * hidden);
+    float* const h = workspace(h_buf, h_once, kTile * hidden);
     for (int64_t slot = next++; slot < num_experts; slot = next++) {
       const int64_t e = order[slot], first = offset[e], count = offset[e + 1] - first;
       const float* w1_e = w1s.data_ptr<float>() + e * d_in * hidden;
@@ -195,16 +215,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_f
         // G: the tile's output gradients, gathered once (read by dH, dW2 and db2).
         const float* g = gy_data + row0 * d_out;
         if (scatter_row) {
-          gather_rows(gy_data, scatter_row + row0, m, d_out, g_buf.data());
-          g = g_buf.data();
+          gather_rows(gy_data, scatter_row + row0, m, d_out, g_tile);
+          g = g_tile;
         }
         const float* xt = x_data + row0 * d_in;
         if (gather_row) {
-          gather_rows(x_data, gather_row + row0, m, d_in, x_buf.data());
-          xt = x_buf.data();
+          gather_rows(x_data, gather_row + row0, m, d_in, x_tile);
+          xt = x_tile;
         }
-        float* dp = dp_buf.data();
-        float* h = h_buf.data();
         gemm_abt(m, hidden, d_out, g, d_out, w2_e, d_out, dp, hidden);  // dH = G W2^T
         gelu::gelu_and_grad_rows(pre_data + row0 * hidden, dp, h, m * hidden, tanh_form);  // H, dP
         gemm_atb(m, hidden, d_out, h, hidden, g, d_out, accumulate, dw2);   // dW2 += H^T G
@@ -212,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_f
         if (db2) add_column_sums(g, m, d_out, db2);
         if (db1) add_column_sums(dp, m, hidden, db1);
         if (compute_grad_x)  // dA = dP W1^T, W1_e stored (d_in, h)
-          gemm_abt(m, d_in, hidden, dp, hidden, w1_e, hidden, grad_a.data_ptr<float>() + row0 * d_in, d_in);
+          gemm_abt(m, d_in, hidden, dp, hidden, w1_e, hidden, grad_a + row0 * d_in, d_in);
       }
     }
   });
@@ -225,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_f
     for (int64_t r = 0; r < tokens; ++r) start[r + 1] += start[r];
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t i = 0; i < active; ++i) member[fill[gather_row[i]]++] = i;
-    const float* da = grad_a.data_ptr<float>();
+    const float* da = grad_a;
     float* gx = grad_x.data_ptr<float>();
     at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {

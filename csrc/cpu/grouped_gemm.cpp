@@ -8,7 +8,8 @@
 // at::mm's dispatch and views cost as much as a 48-row expert GEMM) and adds the bias in a loop;
 // fp16/bf16 call at::addmm with the bias folded in. Without scatter the GEMM writes straight into
 // the output rows and each thread runs the GELU once over all the rows it wrote; with scatter the
-// epilogue (GELU, gate scale, scatter) runs on the block while it is still in cache. The offsets
+// epilogue (GELU, gate scale, scatter) runs on the block while it is still in cache. The fp32
+// GELU is csrc/cpu/gelu_fp32.h's (AVX2 + FMA, the pre-activation copy in the same pass). The offsets
 // are read directly: on CPU tensors that is a memory read, not a device sync. Low-precision inputs
 // (fp16/bf16) go through the library GEMM in their own dtype (fp32 accumulation, one rounding) and
 // torch's GELU (fp32 inside), so they round as plain PyTorch does, at most once per step.
@@ -22,12 +23,14 @@
 #include <algorithm>
 #include <cstring>
 #include <torch/library.h>
+#include <type_traits>
 
 #include <vector>
 
 #include "../checks.h"
 #include "index_checks.h"
 #include "blas_gemm.h"
+#include "gelu_fp32.h"
 
 namespace sm4 {
 namespace {
@@ -187,9 +190,15 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const 
         }
         if (in_place) continue;  // activation: below, once over the thread's rows
         if (activation != 0) {
-          at::Tensor y = product.narrow(0, 0, m);
-          if (keep_preact) preact.narrow(0, item.first_row, m).copy_(y);
-          at::gelu_(y, approximate);  // vectorised, computes in fp32
+          if constexpr (std::is_same_v<scalar_t, float>) {  // one pass: pre-activation copy and GELU
+            // (the dispatch lambda is no template: the cast only compiles the other dtypes' branch)
+            gelu::gelu_rows(reinterpret_cast<float*>(y_data), keep_preact ? preact.data_ptr<float>() + item.first_row * n : nullptr, m * n,
+                            activation == 2);
+          } else {
+            at::Tensor y = product.narrow(0, 0, m);
+            if (keep_preact) preact.narrow(0, item.first_row, m).copy_(y);
+            at::gelu_(y, approximate);  // vectorised, computes in fp32
+          }
         }
         // Epilogue: gate scale (in fp32) and scatter of the rows to their places.
         const float* gate = scatter_scale ? scale.data_ptr<float>() + item.first_row : nullptr;
@@ -208,9 +217,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_cpu(const at::Tensor& a_in, const 
       if (in_place && activation != 0 && begin < end) {
         // This thread's items cover the contiguous rows [first, last) of out.
         const int64_t first = items[begin].first_row, last = items[end - 1].first_row + items[end - 1].rows;
-        at::Tensor y = out.narrow(0, first, last - first);
-        if (keep_preact) preact.narrow(0, first, last - first).copy_(y);
-        at::gelu_(y, approximate);
+        if constexpr (std::is_same_v<scalar_t, float>) {  // fp32: gelu_fp32.h, no at:: set-up, one pass
+          gelu::gelu_rows(out.data_ptr<float>() + first * n, keep_preact ? preact.data_ptr<float>() + first * n : nullptr,
+                          (last - first) * n, activation == 2);
+        } else {
+          at::Tensor y = out.narrow(0, first, last - first);
+          if (keep_preact) preact.narrow(0, first, last - first).copy_(y);
+          at::gelu_(y, approximate);
+        }
       }
     });
   });

@@ -51,12 +51,17 @@ if "grouped_ffn_backward" in _extension.compiled_ops():  # absent from an extens
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+@torch._dynamo.assume_constant_result  # a registry lookup dynamo cannot trace; constant per key
+def _has_fused_kernel(dispatch_key: str) -> bool:
+    return _extension.has_kernel("grouped_ffn_backward", dispatch_key)
+
+
 def ffn_backward(grad_out, x, w1, w2, preact, expert_offsets, gather_index, scatter_index, activation, compute_grad_x,
                  compute_bias1, compute_bias2):
     """sm4::grouped_ffn_backward's five gradients, or None where it has no kernel for these
     tensors (another device, a dtype other than fp32): the caller then runs the layered backward."""
     key = _DISPATCH_KEYS.get(x.device.type)
-    if key is None or not _extension.has_kernel("grouped_ffn_backward", key):
+    if key is None or not _has_fused_kernel(key):
         return None
     if any(t.dtype != torch.float32 for t in (grad_out, x, w1, w2, preact)):
         return None
