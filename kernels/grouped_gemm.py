@@ -293,8 +293,13 @@ def _mm_config(num_rows: int, num_experts: int, k: int, n: int, dtype: torch.dty
         return dict(BLOCK_M=block_m, BLOCK_N=_pow2_block(n, 16, 64), BLOCK_K=_pow2_block(k, 16, 64), GROUP_M=4)
     block_m = 128 if num_rows >= 128 * max(num_experts, 1) else 64  # padding waste vs tile efficiency
     block_n = _pow2_block(n, 16, 128)
-    block_k = _pow2_block(k, 16, 64 if dtype != torch.float32 else 32)
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    # Rows that are not multiples of 16 elements are loaded element by element, one 64-bit pointer
+    # per element: 64 x 128 tiles on 4 warps spilled 24-636 bytes per thread (K = 100, N = 200,
+    # sm_80 and sm_90). 8 warps halve the per-thread share; fp32 (FMA dot) also needs 16-wide K
+    # steps (still 4-16 bytes spilled on sm_80 at 32).
+    aligned = k % 16 == 0 and n % 16 == 0
+    block_k = _pow2_block(k, 16, 64 if dtype != torch.float32 else (32 if aligned else 16))
+    num_warps = 8 if block_m * block_n >= 128 * 128 or not aligned else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                 num_stages=4 if dtype != torch.float32 else 3)
 
@@ -306,9 +311,11 @@ def _weight_grad_config(num_experts: int, k: int, n: int, dtype: torch.dtype, de
     big = num_experts * triton.cdiv(k, 128) * triton.cdiv(n, 128) >= 264
     block_k = _pow2_block(k, 16, 128 if big else 64)
     block_n = _pow2_block(n, 16, 128 if big else 64)
-    block_m = 64 if dtype != torch.float32 else 32
+    # fp32 (FMA dot, operands in registers): 32-row steps in 3 stages spilled 196-828 bytes per
+    # thread on sm_80; 16-row steps in 2 stages do not.
+    block_m, stages = (64, 3) if dtype != torch.float32 else (16, 2)
     num_warps = 8 if block_k * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps, num_stages=stages)
 
 
 def _row_bounds(expert_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:

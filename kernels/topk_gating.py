@@ -266,17 +266,18 @@ def _tiles(num_experts: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, num_warps) of the forward and backward programs.
 
     The routing holds about eight (BLOCK_T, BLOCK_E) fp32 tiles at once (logits, probabilities,
-    the top-k state, the load terms): at more than ~16 values per thread per tile sm_90 spills
-    (255 registers and 0.1-38 KB of stack with 64 tokens at E = 64 or 32 at E = 256). So BLOCK_T
-    shrinks as E grows (64 tokens up to E = 32, 32 at E = 64, 16 from E = 128) and the warps grow
-    to keep 16 values per thread (8 warps at E = 256; beyond, 8 warps and more per thread).
-    The interpreter (CPU tensors) keeps 16-token programs.
+    the top-k state, the load terms): with 64 tokens at E = 64 or 32 at E = 256 on 4 warps (32-64
+    values per thread per tile) sm_90 spilled 0.1-38 KB per thread, and 16 values per thread still
+    left 8-byte stack frames (sm_90, E = 256) and a 5 KB spill (sm_80, fp32 FMA dot at E = 64).
+    So BLOCK_T shrinks as E grows (64 tokens up to E = 32, 32 at E = 64, 16 from E = 128) and the
+    warps grow to keep 8 values per thread (8 warps at E = 64, 16 at E = 256; beyond E = 256, 16
+    warps and more per thread). The interpreter (CPU tensors) keeps 16-token programs.
     """
     block_e = max(16, triton.next_power_of_2(num_experts))
     if device.type == "cpu":
         return 16, block_e, 4
     block_t = max(16, min(64, 2048 // block_e))
-    num_warps = max(4, min(8, block_t * block_e // (16 * 32)))
+    num_warps = max(4, min(16, block_t * block_e // (8 * 32)))
     return block_t, block_e, num_warps
 
 

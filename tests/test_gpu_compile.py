@@ -127,9 +127,19 @@ def _ieee_fp32(i):
     return i["dtype"] == "fp32" and (i["constexprs"].get("PRECISION") == "ieee" or i["kernel"] == "_gating_forward_kernel")
 
 
+def _aligned(i):
+    """Every run-time row stride (and the gating's d) is a multiple of 16 elements: Triton then
+    knows the rows are 16-byte aligned and can use 16-byte copies (cp.async, ldmatrix); an odd
+    d = 100 is loaded element by element, legitimately without them."""
+    strides = ("stride_am", "stride_we", "stride_wk", "stride_wn", "stride_gm", "dim")
+    return all(n in i["divisible"] for n in strides if n in i["args"])
+
+
 def _pipelined(i):
-    """A GEMM whose main loop has more than one trip: Triton's software pipeline uses cp.async."""
+    """An aligned GEMM whose main loop has more than one trip: Triton's pipeline uses cp.async."""
     values = i["constexprs"]
+    if not _aligned(i):
+        return False
     if i["kernel"] == "_grouped_mm_kernel":
         return values["K_TILES"] > 1
     if i["kernel"] == "_gating_forward_kernel":
@@ -152,7 +162,7 @@ def test_triton_gemms_use_tensor_cores_ldmatrix_and_cp_async(triton_launches, ar
             wgmma_only = arch == "90" and i["kernel"] != "_gating_forward_kernel"
             mma = sass["HGMMA"] if wgmma_only else sass["HGMMA"] + sass["HMMA"]
             want += [("HGMMA" if wgmma_only else "HMMA/HGMMA", mma)]
-            if _tensor_core_16bit(i):
+            if _tensor_core_16bit(i) and _aligned(i):
                 want += [("LDSM", sass["LDSM"])]
         if _pipelined(i):
             want += [("LDGSTS", sass["LDGSTS"])]
@@ -160,6 +170,17 @@ def test_triton_gemms_use_tensor_cores_ldmatrix_and_cp_async(triton_launches, ar
         if missing:
             problems.append(f"  {i['label']} ({i['where']}): no {', '.join(missing)}; sass {sass}")
     assert not problems, f"sm_{arch}:\n" + "\n".join(problems)
+
+
+# Shared memory per block: 227 KiB on sm_90 (H100/H200), 163 KiB on sm_80 (A100).
+SHARED_LIMIT = {"80": 166912, "90": 232448}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_triton_launches_fit_in_shared_memory(triton_launches, arch):
+    """A launch over the limit compiles but fails at run time (OutOfResources)."""
+    big = [i for i in triton_launches[arch] if i["shared"] > SHARED_LIMIT[arch]]
+    assert not big, "\n".join(f"{i['label']}: {i['shared']} B" for i in big)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

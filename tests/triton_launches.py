@@ -338,6 +338,8 @@ def compile_and_inspect(launch: Launch, arch: int, sass: bool) -> dict:
         dtype=launch.dtype(), constexprs=launch.values(), num_warps=launch.num_warps, num_stages=launch.num_stages,
         registers=int(registers.group(1)) if registers else None, stack=stack, spill_stores=spill_stores,
         spill_loads=spill_loads, shared=compiled.metadata.shared,
+        args=[name for name, kind in launch.signature if kind != "constexpr"],
+        divisible=sorted(launch.signature[path[0]][0] for path, value in launch.attrs if ("tt.divisibility", 16) in value),
         ptx={name: len(re.findall(pattern, ptx)) for name, pattern in PTX_OPS.items()},
         sass=_sass_counts(compiled.asm["cubin"]) if sass else None,
     )
@@ -377,11 +379,12 @@ def main(argv):
 
 # ---- the covering set ----------------------------------------------------------------------
 
-# Constexprs that switch a part of the prologue or epilogue on (an index load, a bias, a store)
-# or set the routing's k; launches that differ only in these (and in trip counts, 1 vs more, and
-# the divisibility of sizes) have the same tiles, warps, stages and main loop. The covering set
-# keeps one launch per such shape: the one with the most switched on, which needs the most registers.
-SWITCHES = ("HAS_BIAS", "HAS_GATHER", "HAS_SCATTER", "HAS_SCALE", "ACTIVATION", "SAVE_PREACT", "HAS_TOKEN_K",
+# Constexprs that switch a part of the prologue or epilogue on (an index load, a bias, a store,
+# the gating's training-only noise terms) or set the routing's k; launches that differ only in
+# these (and in trip counts, 1 vs more, and the divisibility of sizes) have the same tiles, warps,
+# stages and main loop. The covering set keeps one launch per such shape: the one with the most
+# switched on, which needs the most registers. SM4_TRITON_LAUNCHES=all compiles every launch.
+SWITCHES = ("HAS_BIAS", "HAS_GATHER", "HAS_SCATTER", "HAS_SCALE", "ACTIVATION", "SAVE_PREACT", "HAS_NOISE", "HAS_TOKEN_K",
             "RENORMALIZE", "HAS_A_INDEX", "HAS_G_INDEX", "COMPUTE_BIAS", "K", "K_PAD", "NUM_RANKED")
 TRIPS = ("K_TILES", "D_BLOCKS", "SEARCH_STEPS", "NUM_BLOCKS")
 
