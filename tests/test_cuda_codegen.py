@@ -1,6 +1,7 @@
 """Static checks of the GPU code nvcc generates for csrc/cuda (no GPU needed): every .cu file is
 compiled for sm_80 and sm_90 with the flags of the real build (setup.py's CUDAExtension: torch's
-common nvcc flags, -std=c++20, -O3 -lineinfo, SM4_WITH_CUDA) into a cubin, and
+common nvcc flags, -std=c++20, -O3 -lineinfo, SM4_WITH_CUDA), every warning an error, into a cubin,
+and
 
 * ptxas -v says no kernel (nor any non-inlined device function) spills registers;
 * the SASS (cuobjdump -sass) of every kernel that issues tensor-core instructions (HMMA) loads its
@@ -11,6 +12,7 @@ common nvcc flags, -std=c++20, -O3 -lineinfo, SM4_WITH_CUDA) into a cubin, and
 Each (file, arch) is compiled once per session. cuobjdump is not in every toolkit's bin; Triton's
 NVIDIA backend ships one, used when the toolkit has none."""
 
+import atexit
 import dataclasses
 import functools
 import importlib.util
@@ -18,6 +20,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -83,9 +86,19 @@ def parse_ptxas(log: str) -> dict:
 
 
 @functools.cache
-def compiled(source: pathlib.Path, arch: str, tmp: pathlib.Path) -> Compiled:
-    cubin = tmp / f"{source.stem}.sm_{arch}.cubin"
-    result = subprocess.run([NVCC, *real_build_flags(arch), "-cubin", "-Xptxas", "-v", str(source), "-o", str(cubin)],
+def _cubin_dir() -> pathlib.Path:
+    path = pathlib.Path(tempfile.mkdtemp(prefix="sm4-cuda-codegen-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
+def compiled(source: pathlib.Path, arch: str) -> Compiled:
+    """One nvcc run per (file, arch) and process, for these tests and test_gpu_compile.py's
+    test_nvcc_compiles: the real build's flags, every warning an error, ptxas -v."""
+    cubin = _cubin_dir() / f"{source.stem}.sm_{arch}.cubin"
+    result = subprocess.run([NVCC, *real_build_flags(arch), "-Werror", "all-warnings", "-Xptxas", "-warn-spills",
+                             "-cubin", "-Xptxas", "-v", str(source), "-o", str(cubin)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"nvcc sm_{arch} failed on {source.name}:\n{result.stderr[-4000:]}"
     resources = parse_ptxas(result.stderr + result.stdout)
@@ -107,19 +120,14 @@ def sass_opcodes(cubin: pathlib.Path) -> dict:
     return kernels
 
 
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cuda_codegen")
-
-
 def _sources_and_archs():
     return [pytest.param(s, a, id=f"{s.name}-sm_{a}") for s in CUDA_SOURCES for a in ARCHS]
 
 
 @needs_nvcc
 @pytest.mark.parametrize("source, arch", _sources_and_archs())
-def test_no_kernel_spills_registers(source, arch, build_dir):
-    resources = compiled(source, arch, build_dir).resources
+def test_no_kernel_spills_registers(source, arch):
+    resources = compiled(source, arch).resources
     spilling = {name: r for name, r in resources.items() if r.spill_stores or r.spill_loads}
     assert not spilling, f"{source.name} sm_{arch}: register spills (ptxas -v): {spilling}"
     kernels = [name for name, r in resources.items() if r.registers >= 0]
@@ -128,10 +136,10 @@ def test_no_kernel_spills_registers(source, arch, build_dir):
 
 @needs_cuobjdump
 @pytest.mark.parametrize("source, arch", _sources_and_archs())
-def test_tensor_core_kernels_load_fragments_with_ldmatrix(source, arch, build_dir):
+def test_tensor_core_kernels_load_fragments_with_ldmatrix(source, arch):
     """Every kernel with HMMA has LDSM and neither MOVM nor generic LD (of fragments from shared
     memory: the library's bf16 WMMA load, a generic-address wmma.load, compiles to those)."""
-    kernels = sass_opcodes(compiled(source, arch, build_dir).cubin)
+    kernels = sass_opcodes(compiled(source, arch).cubin)
     bad = {name: {op: ops.get(op, 0) for op in ("HMMA", "LDSM", "MOVM", "LD")}
            for name, ops in kernels.items()
            if ops.get("HMMA") and (not ops.get("LDSM") or ops.get("MOVM") or ops.get("LD"))}
@@ -141,11 +149,11 @@ def test_tensor_core_kernels_load_fragments_with_ldmatrix(source, arch, build_di
 @needs_cuobjdump
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source_name, kernel", [(s, k) for s, ks in TENSOR_CORE_KERNELS.items() for k in ks])
-def test_tensor_core_gemm_is_the_same_code_for_fp16_and_bf16(source_name, kernel, arch, build_dir):
+def test_tensor_core_gemm_is_the_same_code_for_fp16_and_bf16(source_name, kernel, arch):
     """Each instantiation of a tensor-core GEMM uses HMMA and LDSM, and the bf16 instantiation
     issues as many of each as its fp16 twin (same tiles, same loads)."""
     source = next(s for s in CUDA_SOURCES if s.name == source_name)
-    kernels = sass_opcodes(compiled(source, arch, build_dir).cubin)
+    kernels = sass_opcodes(compiled(source, arch).cubin)
     counts = {}
     for name, ops in kernels.items():
         if f"{len(kernel)}{kernel}I" not in name:
