@@ -1,0 +1,128 @@
+"""Issue 13, gating and glue: the glue of sm4's CPU MoE layers before and after, in one process.
+
+    python -m benchmarks.glue_ab [threads] [rounds]
+
+Each round runs, back to back, the ``torch_grouped_mm`` peer, ``sm4.ops.moe_linear`` /
+``moe_qkv`` as they are now (``after``), and ``before``: the same layer rebuilt from the pieces
+it used before the glue changes (each sub-op's argument checks run again, the gating through its
+autograd wrapper even under no_grad, the balance terms' autograd.Function, the linear experts and
+the combine as separate autograd nodes). The kernels are the same, so the difference is the glue.
+(The gating backward's cheaper finite check is shared by both: it is registered once.)
+Printed: medians of bursts of calls, after / before, and each over the peer, forward (no_grad)
+and forward+backward, at the papers' medium and large shapes. Not a pytest benchmark.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from sm4 import dispatch, ops
+from sm4._checks import Checker, check_metadata_values, trust_metadata
+from sm4.compiled import grouped_gemm as compiled_gemm
+from sm4.grouped import GroupedKernels, combine, make_layers
+from sm4.routing import BalanceTerms
+from sm4.types import MoEOutput, RoutingResult
+
+from . import bench_peer as bp
+from .peers import torch_grouped_mm as peer
+
+_linear_rows = make_layers(GroupedKernels(compiled_gemm.grouped_mm, compiled_gemm.grouped_weight_grad))[0]
+
+
+def _before_gating(x, router_weight, k):
+    c = Checker("sm4.ops.topk_gating")
+    ops._check_gating(c, x, router_weight, k, None, 1.0, False, False, None, None)
+    dispatch.select("topk_gating", {"x": x, "router_weight": router_weight, "noise": None}, "cpu",
+                    {"T": x.shape[0], "d": x.shape[1], "E": router_weight.shape[1], "k": k})
+    gates, ids, entropy, importance, load, counts, _, _ = torch.ops.sm4.topk_gating_forward(
+        x, router_weight, None, None, k, 0.0, False)
+    importance_loss, load_loss = BalanceTerms.apply(importance, load)
+    return RoutingResult(ids, gates, entropy.detach(), counts, importance, load, importance_loss, load_loss)
+
+
+def _before_metadata(ids, experts):
+    c = Checker("sm4.ops.routing_metadata")
+    ops._check_expert_ids(c, ids, experts)
+    _, impl = dispatch.select("routing_metadata", (ids,), "cpu", {"E": experts})
+    metadata = impl(ids, experts)
+    trust_metadata(metadata)
+    return metadata
+
+
+def _before_expert_linear(x, weight, bias, gates, metadata, check=True):
+    if check:
+        c = Checker("sm4.ops.expert_linear")
+        ops._check_expert_inputs(c, x, gates, metadata, [("weight", weight, "(E, in, out)", "bias", bias, "(E, out)")])
+        check_metadata_values(c, metadata)
+    dispatch.select("expert_linear", (x, weight, bias, gates, metadata.sorted_token), "cpu")
+    rows = _linear_rows(x, weight, bias, metadata.expert_offsets, metadata.sorted_token, metadata.sorted_assignment,
+                        metadata.sorted_assignment.shape[0])
+    return combine(rows, gates.reshape(-1, gates.shape[-1])).view(*gates.shape[:-1], rows.shape[1])
+
+
+def before_moe_linear(x, router_weight, weight, bias, k):
+    c = Checker("sm4.ops.moe_linear")
+    ops._checked_gating_input(c, x, None, router_weight, k, None, 1.0, False, False, None, None)
+    c.tensor("weight", weight, "(E, d, out)", ops.FLOAT_DTYPES)
+    c.tensor("bias", bias, "(E, out)", ops.FLOAT_DTYPES, optional=True)
+    routing = _before_gating(x, router_weight, k)
+    metadata = _before_metadata(routing.expert_ids, router_weight.shape[1])
+    return MoEOutput(_before_expert_linear(x, weight, bias, routing.gates, metadata), routing)
+
+
+def before_moe_qkv(x, routers, weights, biases, k):
+    c = Checker("sm4.ops.moe_qkv")
+    c.tensor("x", x, "(T, d)", ops.FLOAT_DTYPES)
+    for name, router in zip("qkv", routers):
+        c.tensor(f"routers ({name})", router, "(d, E)", ops.FLOAT_DTYPES)
+    c.tensor("weights", weights, "(3, E, d, C)", ops.FLOAT_DTYPES)
+    c.tensor("biases", biases, "(3, E, C)", ops.FLOAT_DTYPES, optional=True)
+    experts = weights.shape[1]
+    routings = [_before_gating(x, router, k) for router in routers]
+    ids = torch.cat([torch.where(r.expert_ids >= 0, r.expert_ids + g * experts, -1) for g, r in enumerate(routings)], 1)
+    metadata = _before_metadata(ids, 3 * experts)
+    gates = torch.stack([r.gates for r in routings], 1)
+    out = _before_expert_linear(x, weights.reshape(3 * experts, *weights.shape[2:]),
+                                biases.reshape(3 * experts, biases.shape[2]), gates, metadata, check=False)
+    return out, routings
+
+
+def _paths(layer, tensors, k):
+    if layer == "moe_qkv":
+        x, routers, w, b = tensors
+        return {"peer": lambda: peer.LAYERS[layer](x, routers.unbind(0), w, b, k),
+                "before": lambda: before_moe_qkv(x, tuple(routers.unbind(0)), w, b, k)[0],
+                "after": lambda: ops.moe_qkv(x, tuple(routers.unbind(0)), w, b, k, backend="cpu")[0]}
+    return {"peer": lambda: peer.LAYERS[layer](*tensors, k),
+            "before": lambda: before_moe_linear(*tensors, k).output,
+            "after": lambda: ops.moe_linear(*tensors, k, backend="cpu").output}
+
+
+def main(threads=1, rounds=7, burst=10, layers=("moe_linear", "moe_qkv"), shapes=("medium", "large")):
+    torch.set_num_threads(threads)
+    print(f"threads {threads}, load average {os.getloadavg()[0]:.1f}")
+    for layer in layers:
+        for shape in shapes:
+            for mode in ("forward", "forward_backward"):
+                k = bp.SHAPES[shape][4]
+                tensors = bp._params(layer, shape, torch.float32, mode != "forward")
+                runs = {name: bp._runner(call, mode) for name, call in _paths(layer, tensors, k).items()}
+                seconds = {name: [] for name in runs}
+                for r in range(rounds + 1):
+                    for name, run in runs.items():
+                        start = time.perf_counter()
+                        for _ in range(burst):
+                            run()
+                        if r:  # the first round warms up
+                            seconds[name].append((time.perf_counter() - start) / burst)
+                m = {name: statistics.median(v) for name, v in seconds.items()}
+                print(f"{layer:10s} {shape:6s} {mode:16s} before {m['before'] * 1e3:6.2f} ms  after {m['after'] * 1e3:6.2f} ms"
+                      f"  peer {m['peer'] * 1e3:6.2f} ms  after/before {m['after'] / m['before']:.3f}"
+                      f"  before/peer {m['before'] / m['peer']:.3f}  after/peer {m['after'] / m['peer']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:3]))
