@@ -68,7 +68,7 @@ TILE_LATENCY_CYCLES = 1500
 # row's global loads, dependent end to end (an estimate: ~30 cycles a shuffle, ~600 a global load).
 ROW_OVERHEAD_INSTRUCTIONS = 7
 ROUTE_CYCLES_PER_TOKEN = 2000
-kTileD_GATING = 32  # kTileD in topk_gating.cu: feature rows per staged tile
+GATING_TILE_ROWS = 32  # kTileD in topk_gating.cu: feature rows per staged tile
 # WMMA fragments come from shared memory through ldmatrix (LDSM) in both 16-bit dtypes: bf16's
 # through SM4_WMMA_LOAD_SHARED (emulation_seams.cuh), fp16's through the library; the sm_90 SASS of
 # the bf16 and fp16 tensor-core kernels has the same HMMA and LDSM counts and no MOVM
@@ -169,13 +169,13 @@ def cuda_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> Ker
     ffma, lds = tpw * ept, ept + tpw / 2  # warp instructions / shared wavefronts per row of a tile
     row_clocks = max((ffma + lds + ROW_OVERHEAD_INSTRUCTIONS) / 4, lds)  # 4 schedulers, 1 LDS wavefront/clk per SM
     core = (ffma / 4) / row_clocks * min(1.0, E / (32 * ept))  # padded expert slots do no useful FMAs
-    compute_cycles = kTileD_GATING * 8 * row_clocks  # one tile of one CTA: 32 rows x 8 warps
+    compute_cycles = GATING_TILE_ROWS * 8 * row_clocks  # one tile of one CTA: 32 rows x 8 warps
     ctas_per_sm = min(2, math.ceil(blocks / gpu.sms))
     rounds = math.ceil(blocks / (2 * gpu.sms))
     tile_clocks = max(ctas_per_sm * compute_cycles, TILE_LATENCY_CYCLES + compute_cycles)
     route_clocks = tpw * ROUTE_CYCLES_PER_TOKEN
     l2_bytes = blocks * d * E * 4
-    work_s = max(rounds * (math.ceil(d / kTileD_GATING) * tile_clocks + route_clocks) / gpu.clock, l2_bytes / gpu.l2_bw)
+    work_s = max(rounds * (math.ceil(d / GATING_TILE_ROWS) * tile_clocks + route_clocks) / gpu.clock, l2_bytes / gpu.l2_bw)
     roofline = max(flops / gpu.fp32_flops, hbm / gpu.hbm)
     return Kernel("cuda gating_forward_kernel", s, flops, hbm, "fp32", roofline / work_s,
                   why=f"SIMT fp32 router GEMM, {tpb} tokens a block sharing each W tile: issue-bound at {core:.0%} of FMA "
