@@ -240,6 +240,21 @@ def test_a_device_without_the_kernel_takes_the_layered_backward(monkeypatch):
         torch.testing.assert_close(a, b, **FP32)
 
 
+def test_the_emulated_cuda_backend_takes_the_layered_backward():
+    """On a GPU the op has no kernel, so the CUDA FFN backward is grouped_mm + grouped_weight_grad;
+    the emulation runs those CUDA kernels on CPU tensors and must not fall into the CPU fused op."""
+    from . import cuda_emulation
+
+    if not cuda_emulation.enabled():
+        pytest.skip(f"the CUDA emulation is switched off ({cuda_emulation.ENV_SWITCH}=0)")
+    with cuda_emulation.emulated_cuda_backend():
+        grads = []
+        assert fused_calls(lambda: grads.append(moe_ffn_grads(backend="cuda", tokens=9, experts=3))) == 0
+    assert sm4.grouped.FUSED_FFN_BACKWARD  # restored on leaving the block
+    for a, b in zip(moe_ffn_grads(tokens=9, experts=3), grads[0]):
+        torch.testing.assert_close(a, b, **FP32)
+
+
 def test_grouped_ffn_unfused_layer_takes_it_too():
     skip_unless_runs("cpu")
     g = torch.Generator().manual_seed(5)

@@ -160,7 +160,7 @@ def emulated_cuda_backend():
     It stays out of automatic selection (``backends.CUDA.unverified``): only backend="cuda" (or
     use_backend("cuda")) reaches it.
     """
-    from sm4 import backends
+    from sm4 import backends, grouped
     from sm4.compiled import IMPLEMENTATIONS
 
     emulated = load()
@@ -174,6 +174,10 @@ def emulated_cuda_backend():
     )
     real = backends.BACKENDS["cuda"]
     backends.BACKENDS["cuda"] = stand_in
+    # sm4::grouped_ffn_backward has a CPU kernel only, so on a GPU the FFN experts take the layered
+    # backward (grouped_mm + grouped_weight_grad): the emulation, on CPU tensors, must take it too.
+    fused_ffn_backward = grouped.FUSED_FFN_BACKWARD
+    grouped.FUSED_FFN_BACKWARD = False
     try:
         # The emulated kernels in place of sm4's CPU ones; leaving the block deregisters them, which
         # restores sm4's (the dispatcher keeps the earlier kernel of a key). The dispatcher warns
@@ -185,4 +189,5 @@ def emulated_cuda_backend():
                     library.impl(op, _redirect(op), "CPU")
             yield stand_in
     finally:
+        grouped.FUSED_FFN_BACKWARD = fused_ffn_backward
         backends.BACKENDS["cuda"] = real
