@@ -1,6 +1,7 @@
 """Issue 13, gating and glue: the glue of sm4's CPU MoE layers before and after, in one process.
 
     python -m benchmarks.glue_ab [threads] [rounds]
+    python -m benchmarks.glue_ab encoder [threads] [rounds]   # the SM4EncoderLayer targets
 
 Each round runs, back to back, the ``torch_grouped_mm`` peer, ``sm4.ops.moe_linear`` /
 ``moe_qkv`` as they are now (``after``), and ``before``: the same layer rebuilt from the pieces
@@ -124,5 +125,52 @@ def main(threads=1, rounds=7, burst=10, layers=("moe_linear", "moe_qkv"), shapes
                       f"  before/peer {m['before'] / m['peer']:.3f}  after/peer {m['after'] / m['peer']:.3f}", flush=True)
 
 
+def encoder_layer(threads=1, rounds=7, burst=3, shape="medium"):
+    """SM4EncoderLayer forward+backward (train mode) beside the plain-loop and torch_grouped_mm layers
+    of benchmarks/bench_layers.py, interleaved (issue 13 targets: >= 5x and >= 1.5x)."""
+    from sm4.modules import collect_aux_loss
+    from sm4.modules.encoder import SM4EncoderLayer
+
+    from .bench_layers import DROPOUT, SHAPES, PlainLoopEncoderLayer
+    from .peers.swap import use_torch_grouped_mm_experts
+
+    torch.set_num_threads(threads)
+    batch, length, dim, heads, hidden, experts, k = SHAPES[shape]
+    layers = {}
+    for path in ("plain_loop", "torch_grouped_mm", "cpu"):
+        torch.manual_seed(0)
+        layer = SM4EncoderLayer(dim, heads, hidden, dropout=DROPOUT, batch_first=True, num_experts=experts, top_k=k,
+                                balance_loss_weight=0.05, backend="cpu")
+        if path == "torch_grouped_mm":
+            use_torch_grouped_mm_experts(layer)
+        layers[path] = (PlainLoopEncoderLayer(layer) if path == "plain_loop" else layer).train()
+    x = torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+
+    def runner(path, layer):
+        def run():
+            y = layer(x)
+            aux = layer.aux_loss if path == "plain_loop" else collect_aux_loss(layer)
+            (y.square().mean() + aux).backward()
+        return run
+
+    runs = {path: runner(path, layer) for path, layer in layers.items()}
+    seconds = {name: [] for name in runs}
+    for r in range(rounds + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(burst):
+                run()
+            if r:
+                seconds[name].append((time.perf_counter() - start) / burst)
+    m = {name: statistics.median(v) for name, v in seconds.items()}
+    print(f"encoder layer {shape} fwd+bwd, threads {threads}, load {os.getloadavg()[0]:.1f}: "
+          + "  ".join(f"{n} {t * 1e3:.2f} ms" for n, t in m.items())
+          + f"  plain_loop/cpu {m['plain_loop'] / m['cpu']:.2f}x  torch_grouped_mm/cpu {m['torch_grouped_mm'] / m['cpu']:.2f}x",
+          flush=True)
+
+
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    if sys.argv[1:2] == ["encoder"]:
+        encoder_layer(*(int(a) for a in sys.argv[2:4]))
+    else:
+        main(*(int(a) for a in sys.argv[1:3]))

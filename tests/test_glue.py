@@ -131,3 +131,24 @@ def test_composite_checks_name_the_composite():
     weight, bias = expert_params(5, 8, 6, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"sm4\.ops\.moe_linear: k must be"):
         ops.moe_linear(xl, w, weight, bias, 6)
+
+
+def test_fused_linear_node_compiles_fullgraph():
+    """ExpertLinearCombine and the no-grad shortcuts under torch.compile: same loss and gradients."""
+    x, w = router_inputs(24, 8, 5)
+    weight, bias = expert_params(5, 8, 6, dtype=torch.float32)
+    w.requires_grad_(True)
+    weight.requires_grad_(True)
+
+    def step(x, w, weight):
+        out = ops.moe_linear(x, w, weight, bias, 2, backend="cpu")
+        return out.output.square().mean() + out.routing.importance_loss
+
+    eager = step(x, w, weight)
+    want = torch.autograd.grad(eager, (w, weight))
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x, w, weight)
+    got = torch.autograd.grad(loss, (w, weight))
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
