@@ -9,12 +9,14 @@ without storage) with every ``JITFunction.run`` replaced by a recorder that call
 binder for a ``GPUTarget("cuda", arch, 32)``. A launcher that read a tensor on the host (a sync)
 would fail on meta tensors, so the capture also shows the launch paths are sync-free.
 
-    capture(arch) -> [Launch]          distinct launches (kernel, signature, constexprs, attrs, options)
-    compile_and_inspect(launch, arch)  -> dict: registers, local memory (spills), SASS instruction counts
+    capture(archs) -> {arch: [Launch]}       distinct launches (kernel, signature, constexprs, attrs, options)
+    covering(launches) -> [Launch]           one launch per code shape (see SWITCHES)
+    compile_and_inspect(launch, arch, sass)  -> dict: registers, stack, spills, PTX and SASS instruction counts
 
-``python -m tests.triton_launches ARCH`` prints the inspection of every launch as JSON lines; it
-must run without TRITON_INTERPRET (under the interpreter ``@triton.jit`` gives functions that
-cannot be lowered), so tests/test_gpu_compile.py runs it in a fresh interpreter, one per arch.
+``python -m tests.triton_launches 80 90`` prints the inspection of every covering launch as JSON
+lines, compiled on two worker processes; it must run without TRITON_INTERPRET (under the
+interpreter ``@triton.jit`` gives functions that cannot be lowered), so tests/test_gpu_compile.py
+runs it in a fresh interpreter.
 """
 
 import contextlib
@@ -80,7 +82,6 @@ def _kernels():
 @contextlib.contextmanager
 def _recording(archs, sinks: dict, where: list):
     """Every Triton kernel of sm4.kernels records its launches into sinks[arch] instead of running."""
-    import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -120,7 +121,6 @@ def _recording(archs, sinks: dict, where: list):
     finally:
         for kernel in kernels:
             del kernel.run
-    del triton
 
 
 def _plain(value):
