@@ -297,9 +297,12 @@ def _mm_config(num_rows: int, num_experts: int, k: int, n: int, dtype: torch.dty
     # per element: 64 x 128 tiles on 4 warps spilled 24-636 bytes per thread (K = 100, N = 200,
     # sm_80 and sm_90). 8 warps halve the per-thread share; fp32 (FMA dot) also needs 16-wide K
     # steps (still 4-16 bytes spilled on sm_80 at 32).
+    # fp32 128 x 64 tiles on 4 warps spilled 16 bytes (sm_90), so fp32 128-row tiles take 8 warps;
+    # 64 x 128 stays on 4 (on 8, ptxas kept 128 registers and spilled 8 bytes on sm_80).
     aligned = k % 16 == 0 and n % 16 == 0
     block_k = _pow2_block(k, 16, 64 if dtype != torch.float32 else (32 if aligned else 16))
-    num_warps = 8 if block_m * block_n >= 128 * 128 or not aligned else 4
+    wide = block_m * block_n >= 128 * 128 or (dtype == torch.float32 and block_m == 128 and block_n >= 64)
+    num_warps = 8 if wide or not aligned else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                 num_stages=4 if dtype != torch.float32 else 3)
 

@@ -9,12 +9,14 @@ without storage) with every ``JITFunction.run`` replaced by a recorder that call
 binder for a ``GPUTarget("cuda", arch, 32)``. A launcher that read a tensor on the host (a sync)
 would fail on meta tensors, so the capture also shows the launch paths are sync-free.
 
-    capture(arch) -> [Launch]          distinct launches (kernel, signature, constexprs, attrs, options)
-    compile_and_inspect(launch, arch)  -> dict: registers, local memory (spills), SASS instruction counts
+    capture(archs) -> {arch: [Launch]}       distinct launches (kernel, signature, constexprs, attrs, options)
+    covering(launches) -> [Launch]           one launch per code shape (see SWITCHES)
+    compile_and_inspect(launch, arch, sass)  -> dict: registers, stack, spills, PTX and SASS instruction counts
 
-``python -m tests.triton_launches ARCH`` prints the inspection of every launch as JSON lines; it
-must run without TRITON_INTERPRET (under the interpreter ``@triton.jit`` gives functions that
-cannot be lowered), so tests/test_gpu_compile.py runs it in a fresh interpreter, one per arch.
+``python -m tests.triton_launches 80 90`` prints the inspection of every covering launch as JSON
+lines, compiled on two worker processes; it must run without TRITON_INTERPRET (under the
+interpreter ``@triton.jit`` gives functions that cannot be lowered), so tests/test_gpu_compile.py
+runs it in a fresh interpreter.
 """
 
 import contextlib
@@ -29,13 +31,15 @@ import tempfile
 import torch
 
 # The shapes: the issue's layer (d = 1024, E = 64, k = 2), a small d = 64 one with many small
-# experts (one K tile, one D block, E = 256), a wide router (E = 256, k = 8) and an odd one (E = 13,
-# nothing a power of two or divisible by 16). Each is (tokens, d, hidden, experts, k).
+# experts (one K tile, one D block, E = 256), a wide router (E = 256, k = 8), an odd one (E = 13,
+# nothing a power of two or divisible by 16) and d = 64 with few experts (128-row tiles, E = 8).
+# Each is (tokens, d, hidden, experts, k).
 SHAPES = {
     "issue": (4096, 1024, 2048, 64, 2),
     "small": (512, 64, 128, 256, 2),
     "wide": (2048, 1024, 1024, 256, 8),
     "odd": (300, 100, 200, 13, 3),
+    "few": (1024, 64, 128, 8, 2),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -78,7 +82,6 @@ def _kernels():
 @contextlib.contextmanager
 def _recording(archs, sinks: dict, where: list):
     """Every Triton kernel of sm4.kernels records its launches into sinks[arch] instead of running."""
-    import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -118,7 +121,6 @@ def _recording(archs, sinks: dict, where: list):
     finally:
         for kernel in kernels:
             del kernel.run
-    del triton
 
 
 def _plain(value):
@@ -267,6 +269,7 @@ PTX_OPS = {"wgmma": r"\bwgmma\.mma_async", "mma": r"\bmma\.sync", "ldmatrix": r"
 # and local-memory traffic (STL / LDL: register spills).
 SASS_OPS = ("HGMMA", "HMMA", "LDSM", "LDGSTS", "STL", "LDL")
 PTXAS_LOG = "sm4.ptxas.log"  # kept beside the cubin in Triton's cache: warm runs need no ptxas
+SASS_COUNTS = "sm4.sass.json"  # and the SASS counts: warm runs need no disassembly
 
 
 def _ptxas_log(compiled, printed: str, arch: int) -> str:
@@ -295,12 +298,22 @@ def _ptxas_log(compiled, printed: str, arch: int) -> str:
     return log
 
 
-def _sass_counts(cubin: bytes) -> dict:
+def _sass_counts(compiled) -> dict:
+    """SASS_OPS counts of the cubin, kept beside it in Triton's cache (a disassembly costs ~0.6 s)."""
+    from triton.runtime.cache import get_cache_manager
+
+    cache = get_cache_manager(compiled.hash)
+    path = cache.get_file(SASS_COUNTS)
+    if path:
+        with open(path) as f:
+            return json.load(f)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(compiled.asm["cubin"])
         f.flush()
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in SASS_OPS}
+    counts = {op: len(re.findall(rf"\b{op}\b", sass)) for op in SASS_OPS}
+    cache.put(json.dumps(counts), SASS_COUNTS, binary=False)
+    return counts
 
 
 def has_dot(launch: Launch) -> bool:
@@ -341,7 +354,7 @@ def compile_and_inspect(launch: Launch, arch: int, sass: bool) -> dict:
         args=[name for name, kind in launch.signature if kind != "constexpr"],
         divisible=sorted(launch.signature[path[0]][0] for path, value in launch.attrs if ("tt.divisibility", 16) in value),
         ptx={name: len(re.findall(pattern, ptx)) for name, pattern in PTX_OPS.items()},
-        sass=_sass_counts(compiled.asm["cubin"]) if sass else None,
+        sass=_sass_counts(compiled) if sass else None,
     )
 
 
