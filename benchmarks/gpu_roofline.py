@@ -413,9 +413,13 @@ def cuda_weight_grad(s: Shape, gpu: Gpu = H100, up: bool = True) -> Kernel:
 
 
 def triton_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> Kernel:
-    """_gating_forward_kernel: 64 tokens x BLOCK_E per program, tl.dot over d in 64-wide chunks."""
+    """_gating_forward_kernel: BLOCK_T tokens x BLOCK_E per program (kernels/topk_gating.py _tiles:
+    64 tokens up to E = 32, 32 at E = 64, 16 from E = 128, warps for 8 values per thread, so that no
+    configuration spills), tl.dot over d in 64-wide chunks (32 from BLOCK_E = 128)."""
     T, d, E, k = s.T, s.d, s.E, s.k
-    programs = math.ceil(T / 64)
+    block_e = max(16, 1 << max(E - 1, 0).bit_length())
+    block_t = max(16, min(64, 2048 // block_e))
+    programs = math.ceil(T / block_t)
     flops = 2.0 * T * d * E
     hbm = T * d * s.b + d * E * s.b + T * E * 4 * (2 if training else 1) + T * k * 12 + T * 12 + programs * E * 16
     if s.dtype == "fp32":
@@ -423,9 +427,10 @@ def triton_gating_forward(s: Shape, gpu: Gpu = H100, training: bool = True) -> K
         why = "fp32 'ieee' tl.dot is FMA-based; 8 warps per SM hide little latency"
     else:
         unit = "tensor"
-        # Memory-bound on tensor cores: 2 programs/SM x ~2 stages x a 64 x 64 x tile in flight.
-        eff = _memory_efficiency(gpu, 2 * 2 * 64 * 64 * s.b, cap=0.75) * min(1.0, programs / (2 * gpu.sms))
-        why = f"bf16 tl.dot, {programs} programs (<= 2 per SM), pipelined x loads: {eff:.0%} of HBM"
+        # Memory-bound on tensor cores (mma.sync: 16/32-token tiles are too small for wgmma):
+        # 2 programs/SM x ~2 stages x a BLOCK_T x 64 x tile in flight.
+        eff = _memory_efficiency(gpu, 2 * 2 * block_t * 64 * s.b, cap=0.75) * min(1.0, programs / (2 * gpu.sms))
+        why = f"bf16 tl.dot, {block_t}-token programs ({programs}, <= 2 per SM), pipelined x loads: {eff:.0%} of HBM"
     return Kernel("triton _gating_forward_kernel", s, flops, hbm, unit, eff, why=why,
                   check="bf16: dram throughput (issue #3 asks 80 % of copy)")
 
