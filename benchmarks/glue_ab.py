@@ -2,6 +2,7 @@
 
     python -m benchmarks.glue_ab [threads] [rounds]
     python -m benchmarks.glue_ab encoder [threads] [rounds]   # the SM4EncoderLayer targets
+    python -m benchmarks.glue_ab ffn [threads] [rounds]       # moe_ffn: FFN experts + combine, one node
 
 Each round runs, back to back, the ``torch_grouped_mm`` peer, ``sm4.ops.moe_linear`` /
 ``moe_qkv`` as they are now (``after``), and ``before``: the same layer rebuilt from the pieces
@@ -31,6 +32,10 @@ from . import bench_peer as bp
 from .peers import torch_grouped_mm as peer
 
 _linear_rows = make_layers(GroupedKernels(compiled_gemm.grouped_mm, compiled_gemm.grouped_weight_grad))[0]
+# The FFN experts as rows (ExpertFFN, with the fused fp32 backward op) then combine: moe_ffn before
+# its one-node ExpertFFNCombine.
+_ffn_rows = make_layers(GroupedKernels(compiled_gemm.grouped_mm, compiled_gemm.grouped_weight_grad,
+                                       compiled_gemm.ffn_backward))[1]
 
 
 def _before_gating(x, router_weight, k):
@@ -91,7 +96,24 @@ def before_moe_qkv(x, routers, weights, biases, k):
     return out, routings
 
 
+def before_moe_ffn(x, router_weight, w1, b1, w2, b2, k):
+    """moe_ffn as it is now up to the experts, then the FFN rows and the combine as two nodes."""
+    c = Checker("sm4.ops.moe_ffn")
+    ops._checked_gating_input(c, x, None, router_weight, k, None, 1.0, False, False, None, None)
+    for name, t, shape in (("w1", w1, "(E, d, h)"), ("b1", b1, "(E, h)"), ("w2", w2, "(E, h, out)"), ("b2", b2, "(E, out)")):
+        c.tensor(name, t, shape, ops.FLOAT_DTYPES, optional=name[0] == "b")
+    routing = ops._run_gating(x, router_weight, k, None, 1.0, False, False, None, None, "cpu")
+    metadata = ops._run_metadata(routing.expert_ids, router_weight.shape[1], None, "cpu")
+    rows = _ffn_rows(x, w1, b1, w2, b2, metadata.expert_offsets, "gelu", False, metadata.sorted_token,
+                     metadata.sorted_assignment, metadata.sorted_assignment.shape[0])
+    return MoEOutput(combine(rows, routing.gates), routing)
+
+
 def _paths(layer, tensors, k):
+    if layer == "moe_ffn":
+        return {"peer": lambda: peer.LAYERS[layer](*tensors, k),
+                "before": lambda: before_moe_ffn(*tensors, k).output,
+                "after": lambda: ops.moe_ffn(*tensors, k, backend="cpu").output}
     if layer == "moe_qkv":
         x, routers, w, b = tensors
         return {"peer": lambda: peer.LAYERS[layer](x, routers.unbind(0), w, b, k),
@@ -172,5 +194,7 @@ def encoder_layer(threads=1, rounds=7, burst=3, shape="medium"):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["encoder"]:
         encoder_layer(*(int(a) for a in sys.argv[2:4]))
+    elif sys.argv[1:2] == ["ffn"]:  # moe_ffn: the FFN experts and combine as one node, before / after
+        main(*(int(a) for a in sys.argv[2:4]), layers=("moe_ffn",), shapes=("small", "medium", "large"))
     else:
         main(*(int(a) for a in sys.argv[1:3]))

@@ -67,8 +67,9 @@ def _sum_token_rows(rows: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def make_layers(kernels: GroupedKernels):
-    """(expert_linear_rows, expert_ffn_rows, expert_linear_combined): the differentiable grouped
-    layers of one backend (the last is the fused linear layer with its combine, one autograd node).
+    """(expert_linear_rows, expert_ffn_rows, expert_linear_combined, expert_ffn_combined): the
+    differentiable grouped layers of one backend (the last two are the fused linear and FFN layers
+    with their combine, each one autograd node).
 
     Both take ``x`` and the GEMM index pair: ``gather`` (M,) reads row gather[i] of x for sorted
     row i, ``scatter`` (M,) writes its output to row scatter[i] of a (num_out_rows, out) result.
@@ -161,15 +162,50 @@ def make_layers(kernels: GroupedKernels):
                     grad_bias = grad_bias if want_bias else None
             return grad_x, grad_weight, grad_bias, grad_gates, None, None, None
 
+    def ffn_forward(x, w1, b1, w2, b2, offsets, gather, scatter, num_out_rows, activation, save):
+        """(output rows (num_out_rows, out), the pre-activation (N, h) if save else None)."""
+        hidden, pre = grouped_mm(x, w1, b1, offsets, gather_index=gather, activation=ACTIVATION_CODES[activation],
+                                 save_preact=save)
+        out, _ = grouped_mm(hidden, w2, b2, offsets, scatter_index=scatter, num_out_rows=num_out_rows)
+        return out, pre if save else None
+
+    def ffn_grads(grad_out, x, w1, b1, w2, offsets, gather, scatter, pre, activation, has_bias, need):
+        """(grad_x, grad_w1, grad_b1, grad_w2, grad_b2) of the FFN experts, each None unless
+        need[i] (need: x, w1, b1, w2, b2); grad_out (num_out_rows, out) contiguous, read through
+        scatter. The fused op where the backend has one for these tensors, else layered."""
+        if pre is None:  # recompute_hidden: one more GEMM instead of keeping N x h elements
+            pre = grouped_mm(x, w1, b1, offsets, gather_index=gather)[0]
+        want_b1, want_b2 = has_bias[0] and need[2], has_bias[1] and need[4]
+        fused = None
+        if FUSED_FFN_BACKWARD and ffn_backward is not None and activation in ("gelu", "gelu_tanh"):
+            fused = ffn_backward(grad_out, x, w1, w2, pre, offsets, gather, scatter, ACTIVATION_CODES[activation],
+                                 need[0], want_b1, want_b2)
+        if fused is not None:
+            grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = fused
+            return (grad_x if need[0] else None, grad_w1 if need[1] else None, grad_b1 if want_b1 else None,
+                    grad_w2 if need[3] else None, grad_b2 if want_b2 else None)
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if need[3] or need[4]:
+            hidden = F.gelu(pre, approximate=approximate)
+            grad_w2, grad_b2 = weight_grad(hidden, grad_out, offsets, grad_index=scatter, compute_bias=want_b2)
+        if need[0] or need[1] or need[2]:  # dH and dPre only when a first-layer gradient wants them
+            grad_hidden = grouped_mm(grad_out, w2, None, offsets, gather_index=scatter, transpose_weight=True)[0]
+            grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre, approximate=approximate)
+            if need[0]:
+                grad_x = input_grad(grad_pre, w1, offsets, scatter if gather is not None else None, x.shape[0], None)
+            if need[1] or need[2]:
+                grad_w1, grad_b1 = weight_grad(x, grad_pre, offsets, a_index=gather, compute_bias=want_b1)
+        return (grad_x, grad_w1 if need[1] else None, grad_b1 if want_b1 else None,
+                grad_w2 if need[3] else None, grad_b2 if want_b2 else None)
+
     class ExpertFFN(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w1, b1, w2, b2, offsets, gather, scatter, num_out_rows, activation, recompute_hidden):
             # The pre-activation is written out only when a backward will read it.
             save = not recompute_hidden and any(ctx.needs_input_grad)
-            hidden, pre = grouped_mm(x, w1, b1, offsets, gather_index=gather, activation=ACTIVATION_CODES[activation],
-                                     save_preact=save)
-            out, _ = grouped_mm(hidden, w2, b2, offsets, scatter_index=scatter, num_out_rows=num_out_rows)
-            ctx.save_for_backward(x, w1, b1, w2, offsets, gather, scatter, pre if save else None)
+            out, pre = ffn_forward(x, w1, b1, w2, b2, offsets, gather, scatter, num_out_rows, activation, save)
+            ctx.save_for_backward(x, w1, b1, w2, offsets, gather, scatter, pre)
             ctx.has_bias = (b1 is not None, b2 is not None)
             ctx.activation = activation
             return out
@@ -178,33 +214,53 @@ def make_layers(kernels: GroupedKernels):
         def backward(ctx, grad_out):
             refuse_double_backward(f"sm4 expert_ffn / grouped_ffn ({grouped_mm.__module__} kernels)")
             x, w1, b1, w2, offsets, gather, scatter, pre = ctx.saved_tensors
-            grad_out = grad_out.contiguous()
-            if pre is None:  # recompute_hidden: one more GEMM instead of keeping N x h elements
-                pre = grouped_mm(x, w1, b1, offsets, gather_index=gather)[0]
+            grads = ffn_grads(grad_out.contiguous(), x, w1, b1, w2, offsets, gather, scatter, pre, ctx.activation,
+                              ctx.has_bias, ctx.needs_input_grad[:5])
+            return (*grads, None, None, None, None, None, None)
+
+    def ffn_combine_forward(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, save):
+        """(token-order FFN rows (M, out), the pre-activation or None, combine (M / k, out))."""
+        rows, pre = ffn_forward(x, w1, b1, w2, b2, offsets, gather, scatter, scatter.shape[0], activation, save)
+        return rows, pre, combine(rows, gates)
+
+    class ExpertFFNCombine(torch.autograd.Function):
+        """The fused FFN expert layer and its combine as one autograd node (moe_ffn, expert_ffn).
+
+        forward: rows (M = T' * k, out) = FFN experts of x's gathered rows, scattered to token
+        order; y = combine(rows, gates) (T', out). The backward, as ExpertLinearCombine's: the
+        gated output gradient grad_rows = gates (T', k, 1) * grad_y (T', 1, out) is made once and
+        is the FFN backward's grad_out (the fused op where it applies, else layered); d-gates are
+        row dot products <rows, grad_y> on the saved rows (saved only when gates want a gradient).
+        """
+
+        @staticmethod
+        def forward(ctx, x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, recompute_hidden):
             need = ctx.needs_input_grad
-            fused = None
-            if FUSED_FFN_BACKWARD and ffn_backward is not None and ctx.activation in ("gelu", "gelu_tanh"):
-                fused = ffn_backward(grad_out, x, w1, w2, pre, offsets, gather, scatter,
-                                     ACTIVATION_CODES[ctx.activation], need[0], ctx.has_bias[0] and need[2],
-                                     ctx.has_bias[1] and need[4])
-            if fused is not None:
-                grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = fused
-                return (grad_x if need[0] else None, grad_w1 if need[1] else None,
-                        grad_b1 if ctx.has_bias[0] and need[2] else None, grad_w2 if need[3] else None,
-                        grad_b2 if ctx.has_bias[1] and need[4] else None, None, None, None, None, None, None)
-            approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
-            hidden = F.gelu(pre, approximate=approximate)
-            grad_hidden = grouped_mm(grad_out, w2, None, offsets, gather_index=scatter, transpose_weight=True)[0]
-            grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
-            if need[3] or need[4]:
-                grad_w2, grad_b2 = weight_grad(hidden, grad_out, offsets, grad_index=scatter, compute_bias=ctx.has_bias[1])
-            grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre, approximate=approximate)
-            if need[0]:
-                grad_x = input_grad(grad_pre, w1, offsets, scatter if gather is not None else None, x.shape[0], None)
-            if need[1] or need[2]:
-                grad_w1, grad_b1 = weight_grad(x, grad_pre, offsets, a_index=gather, compute_bias=ctx.has_bias[0])
-            return (grad_x, grad_w1, grad_b1 if ctx.has_bias[0] else None, grad_w2, grad_b2 if ctx.has_bias[1] else None,
-                    None, None, None, None, None, None)
+            save = not recompute_hidden and any(need[:5])
+            rows, pre, y = ffn_combine_forward(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, save)
+            ctx.save_for_backward(x, w1, b1, w2, gates, offsets, gather, scatter, pre, rows if need[5] else None)
+            ctx.has_bias = (b1 is not None, b2 is not None)
+            ctx.activation = activation
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            refuse_double_backward(f"sm4 expert_ffn ({grouped_mm.__module__} kernels)")
+            x, w1, b1, w2, gates, offsets, gather, scatter, pre, rows = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            tokens, k = gates.shape
+            out_features = grad_y.shape[1]
+            cdt = torch.promote_types(grad_y.dtype, torch.float32)
+            grad_c = grad_y.to(cdt)
+            grads = (None,) * 5
+            grad_gates = None
+            if need[5]:
+                grad_gates = (rows.view(tokens, k, out_features).to(cdt) * grad_c[:, None]).sum(-1).to(gates.dtype)
+            if any(need[:5]):
+                grad_rows = (gates.to(cdt)[..., None] * grad_c[:, None]).to(x.dtype).view(tokens * k, out_features)
+                grads = ffn_grads(grad_rows, x, w1, b1, w2, offsets, gather, scatter, pre, ctx.activation, ctx.has_bias,
+                                  need[:5])
+            return (*grads, grad_gates, None, None, None, None, None)
 
     def expert_linear_rows(x, weight, bias, offsets, gather=None, scatter=None, num_out_rows=None):
         rows = x.shape[0] if num_out_rows is None else num_out_rows
@@ -223,7 +279,15 @@ def make_layers(kernels: GroupedKernels):
             return linear_combine_forward(x, weight, bias, gates, offsets, gather, scatter)[1]  # no node to build
         return ExpertLinearCombine.apply(x, weight, bias, gates, offsets, gather, scatter)
 
-    return expert_linear_rows, expert_ffn_rows, expert_linear_combined
+    def expert_ffn_combined(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, recompute_hidden):
+        """y (T', out) = combine(rows of the FFN experts in token order, gates (T', k))."""
+        x, w1, b1, w2, b2 = x.contiguous(), _as(w1, x), _as(b1, x), _as(w2, x), _as(b2, x)
+        gates = gates.contiguous()
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, gates))):
+            return ffn_combine_forward(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, False)[2]
+        return ExpertFFNCombine.apply(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, recompute_hidden)
+
+    return expert_linear_rows, expert_ffn_rows, expert_linear_combined, expert_ffn_combined
 
 
 def _as(parameter, x):
@@ -256,7 +320,7 @@ def combine(token_rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 def make_backend_ops(kernels: GroupedKernels) -> dict:
     """The sm4.ops entry points (grouped_linear, grouped_ffn, expert_linear, expert_ffn) of a backend."""
-    expert_linear_rows, expert_ffn_rows, expert_linear_combined = make_layers(kernels)
+    expert_linear_rows, expert_ffn_rows, expert_linear_combined, expert_ffn_combined = make_layers(kernels)
 
     def grouped_linear(x_sorted, weight, bias, expert_offsets):
         return expert_linear_rows(x_sorted, weight, bias, expert_offsets)
@@ -272,9 +336,8 @@ def make_backend_ops(kernels: GroupedKernels) -> dict:
         return y.view(*gates.shape[:-1], y.shape[1])
 
     def expert_ffn(x, w1, b1, w2, b2, gates, metadata: RoutingMetadata, activation="gelu", recompute_hidden=False):
-        rows = expert_ffn_rows(x, w1, b1, w2, b2, metadata.expert_offsets, activation, recompute_hidden,
-                               metadata.sorted_token, metadata.sorted_assignment, metadata.sorted_assignment.shape[0])
-        return combine(rows, gates)
+        return expert_ffn_combined(x, w1, b1, w2, b2, gates, metadata.expert_offsets, metadata.sorted_token,
+                                   metadata.sorted_assignment, activation, recompute_hidden)
 
     return {"grouped_linear": grouped_linear, "grouped_ffn": grouped_ffn, "expert_linear": expert_linear,
             "expert_ffn": expert_ffn}

@@ -49,6 +49,10 @@ def register_gating(forward_name: str, backward_name: str, backward_op):
         gates, expert_ids, _entropy, _importance, _load, _counts, runner_up, logits = output
         ctx.save_for_backward(x, router_weight, noise, expert_ids, gates, runner_up, logits)
         ctx.sigma, ctx.renormalize = sigma, renormalize
+        # Outputs without a gradient (ids, entropy, counts, runner_up, logits; often importance and
+        # load) reach the backward as None, not as zero tensors: materialising them cost seven
+        # zero-fills per call, the (T, E) logits one alone about as much as the backward kernel.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, d_gates, _d_ids, _d_entropy, d_importance, d_load, _d_counts, _d_runner, _d_logits):
         refuse_double_backward(f"sm4 topk_gating ({forward_name})")

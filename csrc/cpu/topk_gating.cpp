@@ -586,9 +586,14 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_gates, const at::Tens
   // expert: every token has one (its first id; the forward gives each token k_t >= 1 experts).
   check_values_in(ids_all.data_ptr<int64_t>(), ids_all.numel(), -1, E, op, "expert_ids");
   check_values_in(runners.data_ptr<int64_t>(), runners.numel(), -1, E, op, "runner_up");
-  if (T > 0) {
-    const at::Tensor first = ids_all.select(1, 0).contiguous();
-    check_values_in(first.data_ptr<int64_t>(), T, 0, E, op, "expert_ids[:, 0] (each token's first expert)");
+  {  // each token's first id, read in place with stride k (no copy of the column); the pass above
+     // bounded every id by [-1, E), so only a -1 can be wrong here
+    const int64_t* ids = ids_all.data_ptr<int64_t>();
+    int64_t lowest = 0;
+    for (int64_t t = 0; t < T; ++t) lowest = ids[t * k] < lowest ? ids[t * k] : lowest;
+    for (int64_t t = 0; lowest < 0 && t < T; ++t)
+      TORCH_CHECK_VALUE(ids[t * k] >= 0, op, ": expert_ids[:, 0] (each token's first expert) values must lie in [0, ", E,
+                        "), but flat entry ", t, " is ", ids[t * k]);
   }
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
 
