@@ -124,6 +124,20 @@ def _paths(layer, tensors, k):
             "after": lambda: ops.moe_linear(*tensors, k, backend="cpu").output}
 
 
+def interleaved_medians(runs: dict, rounds: int, burst: int) -> dict:
+    """{name: median seconds per call}: each round runs every path once, a burst of calls each, in
+    turn (so all paths share the machine's load); the first round only warms up."""
+    seconds = {name: [] for name in runs}
+    for r in range(rounds + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(burst):
+                run()
+            if r:
+                seconds[name].append((time.perf_counter() - start) / burst)
+    return {name: statistics.median(v) for name, v in seconds.items()}
+
+
 def main(threads=1, rounds=7, burst=10, layers=("moe_linear", "moe_qkv"), shapes=("medium", "large")):
     torch.set_num_threads(threads)
     print(f"threads {threads}, load average {os.getloadavg()[0]:.1f}")
@@ -133,15 +147,7 @@ def main(threads=1, rounds=7, burst=10, layers=("moe_linear", "moe_qkv"), shapes
                 k = bp.SHAPES[shape][4]
                 tensors = bp._params(layer, shape, torch.float32, mode != "forward")
                 runs = {name: bp._runner(call, mode) for name, call in _paths(layer, tensors, k).items()}
-                seconds = {name: [] for name in runs}
-                for r in range(rounds + 1):
-                    for name, run in runs.items():
-                        start = time.perf_counter()
-                        for _ in range(burst):
-                            run()
-                        if r:  # the first round warms up
-                            seconds[name].append((time.perf_counter() - start) / burst)
-                m = {name: statistics.median(v) for name, v in seconds.items()}
+                m = interleaved_medians(runs, rounds, burst)
                 print(f"{layer:10s} {shape:6s} {mode:16s} before {m['before'] * 1e3:6.2f} ms  after {m['after'] * 1e3:6.2f} ms"
                       f"  peer {m['peer'] * 1e3:6.2f} ms  after/before {m['after'] / m['before']:.3f}"
                       f"  before/peer {m['before'] / m['peer']:.3f}  after/peer {m['after'] / m['peer']:.3f}", flush=True)
@@ -175,16 +181,7 @@ def encoder_layer(threads=1, rounds=7, burst=3, shape="medium"):
             (y.square().mean() + aux).backward()
         return run
 
-    runs = {path: runner(path, layer) for path, layer in layers.items()}
-    seconds = {name: [] for name in runs}
-    for r in range(rounds + 1):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(burst):
-                run()
-            if r:
-                seconds[name].append((time.perf_counter() - start) / burst)
-    m = {name: statistics.median(v) for name, v in seconds.items()}
+    m = interleaved_medians({path: runner(path, layer) for path, layer in layers.items()}, rounds, burst)
     print(f"encoder layer {shape} fwd+bwd, threads {threads}, load {os.getloadavg()[0]:.1f}: "
           + "  ".join(f"{n} {t * 1e3:.2f} ms" for n, t in m.items())
           + f"  plain_loop/cpu {m['plain_loop'] / m['cpu']:.2f}x  torch_grouped_mm/cpu {m['torch_grouped_mm'] / m['cpu']:.2f}x",
