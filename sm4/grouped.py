@@ -46,6 +46,11 @@ FUSED_FFN_BACKWARD = os.environ.get("SM4_FUSED_FFN_BACKWARD", "1") != "0"
 class GroupedKernels(NamedTuple):
     """A backend's grouped-GEMM primitives, with sm4.reference.grouped_mm's signatures.
 
+    compute_dtype (optional): ``(dtype, device) -> dtype``, the dtype the layers compute in for
+    inputs of dtype on device (the cpu backend: fp32 for bf16 / fp16 on CPUs without a bf16
+    matrix unit, sm4/compute_dtype.py); inputs and parameters are cast to it (differentiably: the
+    gradients come back in each parameter's dtype) and the output back to x's dtype.
+
     ffn_backward (optional): ``(grad_out, x, w1, w2, preact, offsets, gather, scatter, activation,
     compute_grad_x, compute_bias1, compute_bias2) -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)``,
     the whole FFN-expert backward in one op, or None when it has no kernel for these tensors
@@ -55,6 +60,7 @@ class GroupedKernels(NamedTuple):
     grouped_mm: object
     grouped_weight_grad: object
     ffn_backward: object = None
+    compute_dtype: object = None  # (dtype, device) -> dtype the GEMMs run in; None: x's own
 
 
 def _sum_token_rows(rows: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -76,7 +82,10 @@ def make_layers(kernels: GroupedKernels):
     None/None is the unfused layer over x_sorted. In the fused layer gather = scatter // k (the
     token of each assignment), which the backward relies on to sum a token's k input gradients.
     """
-    grouped_mm, weight_grad, ffn_backward = kernels
+    grouped_mm, weight_grad, ffn_backward, compute_dtype = kernels
+
+    def compute_in(x):
+        return x.dtype if compute_dtype is None else compute_dtype(x.dtype, x.device)
 
     def input_grad(grad_rows, weight, offsets, scatter, tokens, read_index):
         """dA of ``a @ W``: grad rows (read through read_index) times W^T, back to a's rows."""
@@ -264,35 +273,42 @@ def make_layers(kernels: GroupedKernels):
 
     def expert_linear_rows(x, weight, bias, offsets, gather=None, scatter=None, num_out_rows=None):
         rows = x.shape[0] if num_out_rows is None else num_out_rows
-        return ExpertLinear.apply(x.contiguous(), _as(weight, x), _as(bias, x), offsets, gather, scatter, rows)
+        cdt = compute_in(x)
+        out = ExpertLinear.apply(x.to(cdt).contiguous(), _as(weight, cdt), _as(bias, cdt), offsets, gather, scatter, rows)
+        return out.to(x.dtype)
 
     def expert_ffn_rows(x, w1, b1, w2, b2, offsets, activation, recompute_hidden, gather=None, scatter=None, num_out_rows=None):
         rows = x.shape[0] if num_out_rows is None else num_out_rows
-        return ExpertFFN.apply(x.contiguous(), _as(w1, x), _as(b1, x), _as(w2, x), _as(b2, x), offsets, gather, scatter,
-                               rows, activation, recompute_hidden)
+        cdt = compute_in(x)
+        out = ExpertFFN.apply(x.to(cdt).contiguous(), _as(w1, cdt), _as(b1, cdt), _as(w2, cdt), _as(b2, cdt), offsets,
+                              gather, scatter, rows, activation, recompute_hidden)
+        return out.to(x.dtype)
 
     def expert_linear_combined(x, weight, bias, gates, offsets, gather, scatter):
         """y (T', out) = combine(rows of the linear experts in token order, gates (T', k))."""
-        x, weight, bias = x.contiguous(), _as(weight, x), _as(bias, x)
+        cdt = compute_in(x)
+        xc, weight, bias = x.to(cdt).contiguous(), _as(weight, cdt), _as(bias, cdt)
         gates = gates.contiguous()
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, gates))):
-            return linear_combine_forward(x, weight, bias, gates, offsets, gather, scatter)[1]  # no node to build
-        return ExpertLinearCombine.apply(x, weight, bias, gates, offsets, gather, scatter)
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, weight, bias, gates))):
+            return linear_combine_forward(xc, weight, bias, gates, offsets, gather, scatter)[1].to(x.dtype)  # no node
+        return ExpertLinearCombine.apply(xc, weight, bias, gates, offsets, gather, scatter).to(x.dtype)
 
     def expert_ffn_combined(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, recompute_hidden):
         """y (T', out) = combine(rows of the FFN experts in token order, gates (T', k))."""
-        x, w1, b1, w2, b2 = x.contiguous(), _as(w1, x), _as(b1, x), _as(w2, x), _as(b2, x)
+        cdt = compute_in(x)
+        xc, w1, b1, w2, b2 = x.to(cdt).contiguous(), _as(w1, cdt), _as(b1, cdt), _as(w2, cdt), _as(b2, cdt)
         gates = gates.contiguous()
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, gates))):
-            return ffn_combine_forward(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, False)[2]
-        return ExpertFFNCombine.apply(x, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, recompute_hidden)
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, w1, b1, w2, b2, gates))):
+            return ffn_combine_forward(xc, w1, b1, w2, b2, gates, offsets, gather, scatter, activation, False)[2].to(x.dtype)
+        return ExpertFFNCombine.apply(xc, w1, b1, w2, b2, gates, offsets, gather, scatter, activation,
+                                      recompute_hidden).to(x.dtype)
 
     return expert_linear_rows, expert_ffn_rows, expert_linear_combined, expert_ffn_combined
 
 
-def _as(parameter, x):
-    """The kernels take weights in x's dtype, contiguous (the cast and copy are differentiable)."""
-    return None if parameter is None else parameter.to(x.dtype).contiguous()
+def _as(parameter, dtype):
+    """The kernels take weights in the compute dtype, contiguous (the cast and copy are differentiable)."""
+    return None if parameter is None else parameter.to(dtype).contiguous()
 
 
 def combine(token_rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

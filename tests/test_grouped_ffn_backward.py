@@ -220,9 +220,16 @@ def test_switched_off_takes_the_layered_backward_with_the_same_gradients(monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_other_dtypes_take_the_layered_backward(dtype):
+def test_other_dtypes_take_the_layered_backward(monkeypatch, dtype):
     skip_unless_runs("cpu")
+    monkeypatch.setenv("SM4_CPU_LOW_PRECISION", "native")  # bf16 kernels, not the fp32 upcast
     assert fused_calls(lambda: moe_ffn_grads(dtype)) == 0
+
+
+def test_bf16_upcast_to_fp32_takes_the_fused_backward(monkeypatch):
+    skip_unless_runs("cpu")
+    monkeypatch.setenv("SM4_CPU_LOW_PRECISION", "fp32")  # sm4/compute_dtype.py
+    assert fused_calls(lambda: moe_ffn_grads(torch.bfloat16)) == 1
 
 
 def test_a_device_without_the_kernel_takes_the_layered_backward(monkeypatch):
