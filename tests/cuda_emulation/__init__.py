@@ -178,6 +178,10 @@ def emulated_cuda_backend():
     # backward (grouped_mm + grouped_weight_grad): the emulation, on CPU tensors, must take it too.
     fused_ffn_backward = grouped.FUSED_FFN_BACKWARD
     grouped.FUSED_FFN_BACKWARD = False
+    # On a GPU bf16 / fp16 run as themselves (sm4/compute_dtype.py upcasts on CPUs only): the
+    # emulation, on CPU tensors, must not upcast, or the tensor-core kernels would never run.
+    low_precision = os.environ.get("SM4_CPU_LOW_PRECISION")
+    os.environ["SM4_CPU_LOW_PRECISION"] = "native"
     try:
         # The emulated kernels in place of sm4's CPU ones; leaving the block deregisters them, which
         # restores sm4's (the dispatcher keeps the earlier kernel of a key). The dispatcher warns
@@ -189,5 +193,9 @@ def emulated_cuda_backend():
                     library.impl(op, _redirect(op), "CPU")
             yield stand_in
     finally:
+        if low_precision is None:
+            os.environ.pop("SM4_CPU_LOW_PRECISION", None)
+        else:
+            os.environ["SM4_CPU_LOW_PRECISION"] = low_precision
         grouped.FUSED_FFN_BACKWARD = fused_ffn_backward
         backends.BACKENDS["cuda"] = real
