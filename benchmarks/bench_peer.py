@@ -11,8 +11,9 @@ forward+backward, at 1 thread and at the machine's threads. Each round runs, bac
 - ``torch_grouped_mm_fp32`` (bf16 rows, where sm4 computes bf16 in fp32 on this CPU, see
   sm4/compute_dtype.py): the peer on fp32 copies of the tensors, cast back to bf16, the casts in
   the call: what a user who knows torch's bf16 CPU matmul is slow would run;
-- ``dense_floor``: dense matmuls with the same useful FLOPs (on fp32 operands where sm4 upcasts) (the router GEMM(s) and one
-  (T*k, d_in) @ (d_in, d_out) per expert layer; forward+backward adds the two gradient GEMMs);
+- ``dense_floor``: dense matmuls with the same useful FLOPs, on fp32 operands where sm4 upcasts
+  (the router GEMM(s) and one (T*k, d_in) @ (d_in, d_out) per expert layer; forward+backward adds
+  the two gradient GEMMs);
 - then sm4 (``backend="cpu"``), the row pytest-benchmark times.
 
 The peers and the floor are timed in the round's untimed set-up, so all paths alternate under the
@@ -150,14 +151,13 @@ def test_peer(benchmark, record, request, layer, shape, dtype, mode, threads):
     k = SHAPES[shape][4]
     grad = mode != "forward"
     tensors = _params(layer, shape, torch_dtype, grad)
-    floor = _floor_operands(layer, shape, torch.float32 if expert_compute_dtype(torch_dtype, torch.device("cpu")) != torch_dtype
-                            else torch_dtype, grad)
-
-    paths = {"torch_grouped_mm": _runner(lambda: _peer_call(peer.LAYERS[layer], layer, tensors, k), mode)}
     # bf16 on a CPU without a bf16 matrix unit: sm4 computes in fp32 (sm4/compute_dtype.py), and so
     # may a knowledgeable user: the peer on fp32 copies (casts inside the call, output back to bf16)
     # is a second peer, and the floor's GEMMs run on fp32 operands (cast outside the timed call).
     upcast = expert_compute_dtype(torch_dtype, torch.device("cpu")) != torch_dtype
+    floor = _floor_operands(layer, shape, torch.float32 if upcast else torch_dtype, grad)
+
+    paths = {"torch_grouped_mm": _runner(lambda: _peer_call(peer.LAYERS[layer], layer, tensors, k), mode)}
     if upcast:
         paths["torch_grouped_mm_fp32"] = _runner(
             lambda: _peer_call(peer.LAYERS[layer], layer, [t.float() for t in tensors], k).to(torch_dtype), mode)

@@ -26,8 +26,7 @@ def _inputs(dtype, tokens, d=12, h=20, experts=5, k=2, seed=0):
 
 
 def _run(layer, params, meta, dtype, backend):
-    leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in params.items()}
-    p = leaves
+    p = leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in params.items()}
     if layer == "expert_ffn":
         y = ops.expert_ffn(p["x"], p["w1"], p["b1"], p["w2"], p["b2"], p["gates"], meta, backend=backend)
     else:
@@ -49,13 +48,16 @@ def test_low_precision_within_twice_plain_pytorch(monkeypatch, layer, dtype, pol
     got, got_grads = _run(layer, params, meta, dtype, "cpu")
     assert got.dtype == dtype and got.shape == truth.shape
     assert set(got_grads) == set(truth_grads)
-    floor = torch.finfo(dtype).eps  # where plain PyTorch happens to be exact, allow one rounding
+    eps = torch.finfo(dtype).eps
 
     def check(name, a, p, t):
         assert a.dtype == p.dtype, name
         err, plain_err = (a.double() - t).abs().max().item() if t.numel() else 0.0, (p.double() - t).abs().max().item() if t.numel() else 0.0
         scale = t.abs().max().item() if t.numel() else 1.0
-        assert err <= 2 * plain_err + floor * max(scale, 1.0), f"{name}: {err} vs plain {plain_err}"
+        # 2x plain PyTorch's error, plus one ulp at the tensor's own scale: with T = 1 each gradient
+        # is one rounded sample, and plain PyTorch's rounding can happen to land near the truth
+        allowed = 2 * plain_err + eps * scale
+        assert err <= allowed, f"{name}: {err} vs plain {plain_err}"
 
     check("output", got, plain, truth)
     for name in truth_grads:
